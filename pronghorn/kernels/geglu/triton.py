@@ -1,0 +1,101 @@
+"""Triton kernels for GeGLU, ``h = gelu(g) * u``, over a [rows, cols] view with unit column stride.
+
+``APPROX_TANH`` selects ``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`` (PyTorch's
+``approximate="tanh"``) or the exact ``g * Phi(g)`` with ``Phi(g) = 0.5 (1 + erf(g / sqrt 2))``.
+tanh is written through ``exp`` because Triton's math namespaces differ between releases.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_KAPPA = 0.044715
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _tanh(z):
+    # (1 - e) / (1 + e) with e = exp(-2|z|) never overflows and saturates cleanly to +-1.
+    e = tl.exp(-2.0 * tl.abs(z))
+    r = (1.0 - e) / (1.0 + e)
+    return tl.where(z >= 0, r, -r)
+
+
+@triton.jit
+def _gelu_and_grad(g, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        t = _tanh(_SQRT_2_OVER_PI * (g + _KAPPA * g * g * g))
+        act = 0.5 * g * (1.0 + t)
+        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _KAPPA * g * g)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        act = g * cdf
+        grad = cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+    return act, grad
+
+
+@triton.jit
+def _geglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_cols, g_stride, u_stride, h_stride,
+                      APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if APPROX_TANH:
+        act = 0.5 * g * (1.0 + _tanh(_SQRT_2_OVER_PI * (g + _KAPPA * g * g * g)))
+    else:
+        act = 0.5 * g * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+    tl.store(h_ptr + row * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _geglu_bwd_kernel(
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols,
+    dh_stride, g_stride, u_stride, dg_stride, du_stride,
+    APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # dg/du may alias g/u: each element is read before it is written, by one program only.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dh = tl.load(dh_ptr + row * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    act, grad = _gelu_and_grad(g, APPROX_TANH)
+    tl.store(dg_ptr + row * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + row * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+def _block(n_cols: int) -> int:
+    return min(triton.next_power_of_2(max(n_cols, 1)), 1024)
+
+
+def geglu_forward(g: torch.Tensor, u: torch.Tensor, approx_tanh: bool) -> torch.Tensor:
+    """``h = gelu(g) * u`` for 2-D ``g``/``u`` with unit column stride; returns a contiguous ``h``."""
+    rows, n_cols = g.shape
+    h = torch.empty((rows, n_cols), dtype=g.dtype, device=g.device)
+    if h.numel() == 0:
+        return h
+    block = _block(n_cols)
+    _geglu_fwd_kernel[(rows, triton.cdiv(n_cols, block))](
+        g, u, h, n_cols, g.stride(0), u.stride(0), h.stride(0),
+        APPROX_TANH=approx_tanh, BLOCK=block, num_warps=4 if block <= 512 else 8,
+    )
+    return h
+
+
+def geglu_backward(dh, g, u, dg, du, approx_tanh: bool) -> None:
+    """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``)."""
+    rows, n_cols = g.shape
+    if g.numel() == 0:
+        return
+    block = _block(n_cols)
+    _geglu_bwd_kernel[(rows, triton.cdiv(n_cols, block))](
+        dh, g, u, dg, du, n_cols,
+        dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
+        APPROX_TANH=approx_tanh, BLOCK=block, num_warps=4 if block <= 512 else 8,
+    )
