@@ -1,0 +1,259 @@
+"""Offloaded activation checkpointing: keep each checkpointed layer's input in pinned host memory.
+
+With ordinary checkpointing the only activation a decoder layer keeps between forward and
+backward is its input ``hidden_states`` ([batch, seq, hidden]); across ``L`` layers that is
+``L * batch * seq * hidden`` elements, which dominates device memory at long context. Here that
+input is copied to pinned CPU memory on a side CUDA stream as soon as the layer has read it, and
+copied back on the same side stream one layer ahead of the backward pass that needs it, so the
+copies overlap with compute and device memory no longer grows with the number of layers.
+
+:func:`offloaded_checkpoint` has the signature of :func:`torch.utils.checkpoint.checkpoint`, so it
+plugs into transformers' ``_gradient_checkpointing_func`` hook unchanged. On CPU tensors the
+"offload" keeps a reference instead of copying, and the same code path runs.
+
+Gradient semantics are those of reentrant checkpointing: the layer is re-run inside backward and
+parameter gradients are accumulated into ``.grad`` by an inner ``torch.autograd.backward``. That
+means the outer pass must be ``loss.backward()`` (what every trainer does), not
+``torch.autograd.grad``. Unlike torch's reentrant mode, the layer input need not require grad: an
+internal anchor tensor that requires grad guarantees the backward runs, so PEFT models work
+without ``enable_input_require_grads``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["offloaded_checkpoint", "OffloadedActivation"]
+
+logger = logging.getLogger(__name__)
+
+
+def _autocast_state(device_type: str) -> dict[str, Any]:
+    """What autocast looked like in forward, so the recompute in backward casts the same way."""
+    return {
+        "device_type": device_type,
+        "enabled": torch.is_autocast_enabled(device_type),
+        "dtype": torch.get_autocast_dtype(device_type),
+        "cache_enabled": torch.is_autocast_cache_enabled(),
+    }
+
+
+class OffloadedActivation:
+    """One layer input parked in host memory, with the events that order its two copies.
+
+    Records of one forward pass are linked from each to the one before (weakly, so a record never
+    keeps an earlier layer's host buffer alive), which is what lets the backward of layer ``i``
+    start bringing back layer ``i-1``'s input while layer ``i`` recomputes.
+    """
+
+    _last: "weakref.ref[OffloadedActivation] | None" = None
+
+    def __init__(self, tensor: torch.Tensor):
+        self.device = tensor.device
+        self.shape = tensor.shape
+        self.dtype = tensor.dtype
+        self._version = tensor._version
+        self._restored: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        self.previous = OffloadedActivation._last
+        OffloadedActivation._last = weakref.ref(self)
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            self._stream = _side_stream(tensor.device)
+            self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(self._stream):
+                self._host.copy_(tensor.detach(), non_blocking=True)
+            # The compute stream may free and reuse ``tensor``'s memory once the layer is done with
+            # it; tell the caching allocator the side stream still reads it.
+            tensor.record_stream(self._stream)
+            self._source: torch.Tensor | None = None
+        else:
+            # Already in host memory: keep a reference (the "copy" is free) and check in backward
+            # that nobody modified it in place.
+            self._host = None
+            self._stream = None
+            self._source = tensor.detach()
+
+    def prefetch(self) -> None:
+        """Start the host-to-device copy on the side stream, if not started yet."""
+        if self._restored is not None or self._host is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        # Allocated from the compute stream, which will use and free it.
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self._stream.wait_stream(compute)
+        with torch.cuda.stream(self._stream):
+            out.copy_(self._host, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(self._stream)
+        out.record_stream(self._stream)
+        self._restored = out
+
+    def prefetch_previous(self) -> None:
+        """Bring back the input of the layer that ran just before this one in forward."""
+        prev = self.previous() if self.previous is not None else None
+        if prev is not None and prev.device == self.device:
+            prev.prefetch()
+
+    def restore(self) -> torch.Tensor:
+        """The saved tensor, on its original device, safe to use on the current stream."""
+        if self._source is not None:
+            if self._source._version != self._version:
+                raise RuntimeError(
+                    "a checkpointed layer's input was modified in place after the forward pass; offloaded "
+                    "checkpointing needs the layer input unchanged until backward (do not write into hidden_states)"
+                )
+            return self._source
+        self.prefetch()
+        torch.cuda.current_stream(self.device).wait_event(self._ready)
+        out, self._restored, self._host = self._restored, None, None
+        return out
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    # One side stream per device, created lazily so importing this module touches no GPU.
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+class _OffloadedCheckpointFunction(torch.autograd.Function):
+    """Runs ``run_function`` without keeping activations; re-runs it in backward from the offloaded input."""
+
+    @staticmethod
+    def forward(ctx, run_function, preserve_rng_state, offload_index, anchor, *args):
+        del anchor  # only there so that the outputs require grad and backward always runs
+        ctx.run_function = run_function
+        ctx.offload_index = offload_index
+        hidden = args[offload_index]
+        ctx.device = hidden.device
+        ctx.autocast = _autocast_state(hidden.device.type)
+        ctx.rng = _capture_rng(hidden.device) if preserve_rng_state else None
+        ctx.input_needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+        ctx.record = OffloadedActivation(hidden)
+        # The other positional arguments are rare (transformers passes hidden_states alone) and small.
+        ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]
+        outputs = run_function(*args)
+        if isinstance(outputs, torch.Tensor):
+            ctx.single = True
+            return outputs
+        if isinstance(outputs, tuple) and all(o is None or isinstance(o, torch.Tensor) for o in outputs):
+            ctx.single = False
+            return outputs
+        raise TypeError(
+            f"offloaded checkpointing supports layers that return a tensor or a tuple of tensors, got "
+            f"{type(outputs).__name__}; use mode='gpu' (standard checkpointing) for this model"
+        )
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        record = ctx.record
+        hidden = record.restore()
+        record.prefetch_previous()
+        inputs = []
+        for i, a in enumerate(ctx.others):
+            a = hidden if i == ctx.offload_index else a
+            if isinstance(a, torch.Tensor):
+                a = a.detach().requires_grad_(ctx.input_needs_grad[i])
+            inputs.append(a)
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                outputs = ctx.run_function(*inputs)
+        outputs = (outputs,) if ctx.single else outputs
+        pairs = [
+            (o, g) for o, g in zip(outputs, grad_outputs)
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.record = ctx.others = ctx.run_function = None
+        grads = tuple(a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in inputs)
+        return (None, None, None, None, *grads)
+
+
+def offloaded_checkpoint(function: Callable, *args, use_reentrant: bool | None = None, **kwargs):
+    """Checkpoint ``function(*args)`` keeping its first floating-point tensor argument in host memory.
+
+    Drop-in for :func:`torch.utils.checkpoint.checkpoint` as transformers' gradient checkpointing
+    function (``model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=...)``).
+
+    Args:
+        function: the layer call; transformers passes ``partial(layer.forward, **kwargs)``.
+        *args: positional inputs; the first floating-point tensor (``hidden_states``) is offloaded.
+        use_reentrant: accepted for signature compatibility and ignored: this function has its own
+            recompute semantics (see the module docstring).
+        preserve_rng_state (keyword, default True): replay dropout masks exactly in the recompute.
+        Other keyword arguments of ``torch.utils.checkpoint.checkpoint`` (``determinism_check``,
+        ``debug``) are accepted and ignored; ``context_fn`` (selective checkpointing) is refused.
+    """
+    del use_reentrant
+    preserve_rng_state = kwargs.pop("preserve_rng_state", True)
+    kwargs.pop("determinism_check", None)
+    kwargs.pop("debug", None)
+    context_fn = kwargs.pop("context_fn", None)
+    if context_fn is not None and getattr(context_fn, "__name__", "") != "noop_context_fn":
+        raise ValueError("offloaded checkpointing does not support context_fn (selective checkpointing); use mode='gpu'")
+    bound = list(kwargs.values()) + (list(function.keywords.values()) if isinstance(function, functools.partial) else [])
+    if kwargs:
+        # Keyword arguments to the layer itself: bind them, as torch's checkpoint does.
+        function = functools.partial(function, **kwargs)
+
+    if not torch.is_grad_enabled():
+        return function(*args)
+    if _tensors_need_grad(bound):
+        # A tensor bound into the layer call (not a positional input) needs a gradient, which the
+        # recompute-in-backward path cannot deliver; torch's non-reentrant checkpoint can.
+        _warn_fallback_once()
+        return torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+        )
+    offload_index = next(
+        (i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None
+    )
+    if offload_index is None:
+        raise ValueError(
+            "offloaded checkpointing needs the layer's hidden_states as a positional tensor argument; "
+            f"got positional argument types {[type(a).__name__ for a in args]}"
+        )
+    anchor = torch.empty(0, requires_grad=True)
+    return _OffloadedCheckpointFunction.apply(function, preserve_rng_state, offload_index, anchor, *args)
+
+
+def _tensors_need_grad(values: list) -> bool:
+    """Whether any tensor in ``values`` (nested in tuples, lists, dicts) requires grad."""
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                return True
+        elif isinstance(value, (tuple, list)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once() -> None:
+    logger.warning(
+        "pronghorn: a checkpointed layer receives a keyword tensor that requires grad; that layer uses "
+        "standard on-GPU checkpointing instead of offloading"
+    )
