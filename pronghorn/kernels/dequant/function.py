@@ -1,0 +1,38 @@
+"""NF4 dequantization entry point: Triton where it can run, the PyTorch reference elsewhere."""
+from __future__ import annotations
+
+import torch
+
+from ..backend import use_triton
+from .reference import check_quant_state, dequantize_nf4_reference, nf4_table, resolve_out_dtype
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    # Built on first use per device (never at import), then reused to avoid a host-to-device copy per call.
+    if device not in _TABLES:
+        _TABLES[device] = nf4_table(device)
+    return _TABLES[device]
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes NF4 weight, bit-exactly as ``bitsandbytes.functional.dequantize_4bit``.
+
+    Args:
+        packed: the packed 4-bit data (``Params4bit.data``: ``uint8`` or any ``quant_storage`` dtype,
+            ``(numel + 1) // 2`` bytes, two codes per byte, high nibble first).
+        quant_state: its ``bitsandbytes.functional.QuantState`` (absmax, blocksize, shape, dtype, and for
+            double quantization ``nested``/``state2``/``offset``). Must have ``quant_type == "nf4"``.
+        out_dtype: float32, float16 or bfloat16; defaults to ``quant_state.dtype``.
+
+    Returns:
+        A new dense tensor of shape ``quant_state.shape``.
+    """
+    check_quant_state(packed, quant_state)
+    dtype = resolve_out_dtype(quant_state, out_dtype)
+    if use_triton(packed, quant_state.absmax):
+        from .triton import dequantize_nf4_triton  # triton imported only when a kernel will run
+
+        return dequantize_nf4_triton(packed, quant_state, _table(packed.device), dtype)
+    return dequantize_nf4_reference(packed, quant_state, dtype)

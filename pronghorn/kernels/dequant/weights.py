@@ -1,0 +1,81 @@
+"""Dense views of frozen base weights: plain, bitsandbytes NF4/FP4 (Params4bit) or int8 (Int8Params).
+
+bitsandbytes is never imported here at module import; a quantized weight is recognised by the state it
+carries (``quant_state`` for 4-bit, ``SCB`` for int8), so plain-PyTorch users never load it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .function import dequantize_nf4
+
+# bitsandbytes' int8 row scales map to [-127, 127]; it multiplies by this reciprocal rather than dividing.
+_INV_127 = 7.874015718698502e-3
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a bitsandbytes 4-bit or int8 parameter that must be dequantized to use."""
+    return _four_bit_state(weight) is not None or _int8_scales(weight) is not None
+
+
+def _four_bit_state(weight):
+    state = getattr(weight, "quant_state", None)
+    # A Params4bit that has not been moved to a device yet still holds its float data and no state.
+    return state if state is not None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) else None
+
+
+def _int8_scales(weight):
+    scb = getattr(weight, "SCB", None)
+    return scb if scb is not None and weight.dtype == torch.int8 else None
+
+
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as a dense ``dtype`` tensor, dequantizing bitsandbytes 4-bit or int8 storage.
+
+    Args:
+        weight: an ``nn.Linear``'s weight: a float tensor, a ``Params4bit`` (NF4 goes through
+            :func:`dequantize_nf4`; FP4 through bitsandbytes) or an ``Int8Params`` with ``SCB`` scales.
+        dtype: the dtype to return. A float weight already in ``dtype`` is returned as is (no copy).
+    """
+    state = _four_bit_state(weight)
+    if state is not None:
+        if state.quant_type == "nf4":
+            # bitsandbytes' matmul dequantizes to quant_state.dtype then casts; do the same where the two
+            # roundings could differ (a 16-bit state read as another 16-bit dtype) so results match bit for bit.
+            if dtype == state.dtype or state.dtype == torch.float32:
+                return dequantize_nf4(weight.data, state, dtype)
+            return dequantize_nf4(weight.data, state, state.dtype).to(dtype)
+        import bitsandbytes.functional as bnb_f  # a 4-bit state exists, so bitsandbytes is installed
+
+        return bnb_f.dequantize_4bit(weight.data, state).to(dtype)
+    scb = _int8_scales(weight)
+    if scb is not None:
+        return (weight.data.float() * scb.float().reshape(-1, 1) * _INV_127).to(dtype)
+    if not weight.is_floating_point():
+        raise TypeError(f"cannot make a dense weight from a {weight.dtype} tensor without quantization state "
+                        "(expected a float tensor, a bitsandbytes Params4bit with quant_state, or Int8Params with SCB)")
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def weight_of(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out_features, in_features]`` weight of a linear layer, in ``dtype``.
+
+    Args:
+        base_layer: an ``nn.Linear``, a bitsandbytes ``Linear4bit`` (dequantized) or ``Linear8bitLt``
+            (dequantized with its ``SCB`` row scales). A PEFT LoRA layer is not accepted: pass its
+            ``base_layer``.
+        dtype: output dtype.
+    """
+    if not isinstance(base_layer, nn.Linear):
+        hint = " (a PEFT LoRA layer: pass module.base_layer)" if hasattr(base_layer, "base_layer") else ""
+        raise TypeError(f"weight_of expects an nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt, "
+                        f"got {type(base_layer).__name__}{hint}")
+    weight = base_layer.weight
+    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is None:
+        state = getattr(base_layer, "state", None)
+        scb = getattr(state, "SCB", None)
+        if scb is None:
+            raise ValueError("Linear8bitLt weight is int8 but neither weight.SCB nor state.SCB holds its scales")
+        return (weight.data.float() * scb.float().reshape(-1, 1) * _INV_127).to(dtype)
+    return dense_weight(weight, dtype)
