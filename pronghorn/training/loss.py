@@ -42,4 +42,4 @@ def normalise(loss_sum: torch.Tensor, num_label_tokens: int | torch.Tensor,
         num_label_tokens: label tokens (labels != ignore_index) in this call.
         num_items_in_batch: label tokens in the whole accumulated batch, or None for a plain mean.
     """
-    return loss_sum / loss_divisor(num_label_tokens, num_items_in_batch, loss_sum.device).to(loss_sum.dtype)
+    return loss_sum / loss_divisor(num_label_tokens, num_items_in_batch, loss_sum.device)
