@@ -1,0 +1,40 @@
+"""pronghorn: fast, lean, exact fine-tuning of large language models.
+
+The public names mirror Unsloth's so a script ports by changing its import. Importing this
+package does no work: every name is resolved on first use, so import order never matters.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FastLanguageModel": "pronghorn.models.fast_language_model",
+    "FastModel": "pronghorn.models.fast_language_model",
+    "is_bfloat16_supported": "pronghorn.models.dtypes",
+    "SFTTrainer": "pronghorn.training.sft",
+    "SFTConfig": "pronghorn.training.sft",
+    "UnslothTrainer": "pronghorn.training.sft",
+    "UnslothTrainingArguments": "pronghorn.training.sft",
+    "TrainConfig": "pronghorn.config.schema",
+    "load_config": "pronghorn.config.loading",
+    "patch_model": "pronghorn.models.patching",
+    "unpatch_model": "pronghorn.models.patching",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pronghorn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = list(_EXPORTS)

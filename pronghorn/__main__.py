@@ -1,0 +1,3 @@
+from pronghorn.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The ``pronghorn`` command line: train, chat, export, doctor."""

@@ -1,0 +1,1 @@
+"""One typed configuration for the Python API and the CLI, YAML loading, cross-field validation."""

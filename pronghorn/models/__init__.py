@@ -1,0 +1,1 @@
+"""Model loading, per-family specs and reversible fast-path patching."""

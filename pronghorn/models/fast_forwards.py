@@ -1,0 +1,136 @@
+"""The generic fast decoder path: replacement forwards that read a FamilySpec.
+
+Each function has the signature of the Hugging Face forward it replaces, plus the spec, and is
+bound to one module instance by ``patching.py``. Sub-modules (projections, norms) are looked up
+on every call, because PEFT wraps them after we patch.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from pronghorn.models.families import FamilySpec
+
+# ---------------------------------------------------------------------------------------------- norms
+
+
+def rms_norm_forward(self, hidden_states, *, spec: FamilySpec):
+    from pronghorn.kernels.rms_norm import rms_norm
+
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
+    return rms_norm(hidden_states, self.weight, eps, offset=spec.norm_offset, cast_mode=spec.norm_cast)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def _qkv(self, hidden_states, spec: FamilySpec):
+    from pronghorn.nn.lora import fused_qkv
+
+    return fused_qkv(self, hidden_states, fused=spec.fused_qkv)
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                      *, spec: FamilySpec, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from pronghorn.kernels.rope import apply_rope
+    from pronghorn.nn.lora import fused_o
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query, key, value = _qkv(self, hidden_states, spec)
+    query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
+    if spec.qk_norm:
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = apply_rope(query, key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward")
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    extra = {}
+    # Per-layer windows live on the module (Qwen2/3, Gemma 2/3); whole-model ones on the config (Mistral, Phi-3).
+    sliding = self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+    if sliding is not None:
+        extra["sliding_window"] = sliding
+    softcap = getattr(self, "attn_logit_softcapping", None)
+    if softcap is not None:
+        extra["softcap"] = softcap
+    attn_output, attn_weights = interface(
+        self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling, **extra, **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return fused_o(self, attn_output), attn_weights
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+
+
+def mlp_forward(self, hidden_states, *, spec: FamilySpec):
+    from pronghorn.nn.lora import fused_mlp
+
+    return fused_mlp(self, hidden_states, activation=spec.activation, fused_gate_up=spec.fused_gate_up)
+
+
+# ---------------------------------------------------------------------------------------- LM head loss
+
+
+def head_weight(lm_head) -> torch.Tensor | None:
+    """The dense weight of a plain (or PEFT modules_to_save) LM head; None when it has LoRA or is quantized."""
+    if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+        return lm_head.weight
+    to_save = getattr(lm_head, "modules_to_save", None)
+    if to_save is not None and not getattr(lm_head, "disable_adapters", False):
+        active = getattr(lm_head, "active_adapter", None)
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        if active in to_save:
+            return head_weight(to_save[active])
+        return head_weight(lm_head.original_module)
+    return None
+
+
+def logit_transform(config) -> tuple[float | None, float]:
+    """(soft-cap, scale) applied to a family's logits, read from its config as transformers' forwards do."""
+    text = config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None and getattr(text, "logits_scaling", None):
+        scale = 1.0 / text.logits_scaling
+    return softcap, float(scale) if scale is not None else 1.0
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, original, **kwargs):
+    """Training steps with labels compute the loss chunk by chunk from hidden states (logits never exist);
+    everything else (evaluation, generation, inference mode) takes the model's own forward."""
+    shift_labels = kwargs.get("shift_labels")
+    weight = head_weight(self.get_output_embeddings())
+    patch = getattr(self, "_pronghorn_patch", None)
+    fused = (
+        (labels is not None or shift_labels is not None) and self.training and torch.is_grad_enabled()
+        and weight is not None and not (patch is not None and patch.inference)
+        and not getattr(self.config.get_text_config(), "output_router_logits", False)
+    )
+    if not fused:
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from pronghorn.kernels.cross_entropy import causal_lm_fused_loss
+
+    kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                 use_cache=use_cache, **kwargs)
+    softcap, scale = logit_transform(self.config)
+    loss = causal_lm_fused_loss(outputs.last_hidden_state, weight, labels=None if shift_labels is not None else labels,
+                                shift_labels=shift_labels, softcap=softcap, logit_scale=scale,
+                                num_items_in_batch=num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)

@@ -1,0 +1,89 @@
+"""Reversible, per-instance patching of a loaded Hugging Face model with pronghorn's fast paths.
+
+Nothing in transformers is edited: we rebind ``forward`` on module instances of this model only,
+and record each change so ``unpatch_model`` restores the original behaviour exactly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from pronghorn.models import fast_forwards as ff
+from pronghorn.models.families import FamilySpec, spec_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchRecord:
+    """What ``patch_model`` changed on one model; ``inference`` switches the loss path off for eval/generation."""
+
+    spec: FamilySpec | None
+    patched: list[tuple[nn.Module, str]] = field(default_factory=list)
+    inference: bool = False
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, kind in self.patched:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+
+def _bind(record: PatchRecord, module: nn.Module, kind: str, fn, **bound) -> None:
+    if "forward" in module.__dict__:
+        return  # already patched (or someone else's instance override): leave it alone
+
+    # Keep the original signature visible: Trainer and generate() inspect forward's parameters.
+    @functools.wraps(type(module).forward)
+    def forward(self, *args, **kwargs):
+        return fn(self, *args, **bound, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+    record.patched.append((module, kind))
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None
+
+
+def patch_model(model: nn.Module) -> PatchRecord:
+    """Apply pronghorn's fast paths to ``model`` (a transformers causal LM) in place; returns the record.
+
+    Supported families (see ``families.py``) get fused norms, RoPE, attention projections, MLP and the
+    chunked LM-head loss; any other causal LM keeps its own layers and gets only the chunked loss.
+    """
+    existing = getattr(model, "_pronghorn_patch", None)
+    if existing is not None:
+        return existing
+    spec = spec_for(model.config.get_text_config())
+    record = PatchRecord(spec)
+    if spec is not None:
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if _is_rms_norm(module):
+                _bind(record, module, "norm", ff.rms_norm_forward, spec=spec)
+            elif leaf == "self_attn" and hasattr(module, "head_dim"):
+                _bind(record, module, "attention", ff.attention_forward, spec=spec)
+            elif leaf == "mlp" and (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):
+                _bind(record, module, "mlp", ff.mlp_forward, spec=spec)
+    if hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings"):
+        original = model.forward
+        _bind(record, model, "lm_head_loss", ff.causal_lm_forward, original=original)
+    model._pronghorn_patch = record
+    logger.info("pronghorn fast paths for %s (%s): %s", type(model).__name__,
+                spec.name if spec else "generic: loss only", record.summary())
+    return record
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Restore every forward that ``patch_model`` replaced on ``model``."""
+    record = getattr(model, "_pronghorn_patch", None)
+    if record is None:
+        return
+    for module, _ in record.patched:
+        module.__dict__.pop("forward", None)
+    del model._pronghorn_patch

@@ -1,0 +1,1 @@
+"""Thin integrations with TRL trainers: argument compatibility, loss path, optimizer groups, callbacks."""
