@@ -1,0 +1,127 @@
+"""Fused LoRA gated MLP, ``y = down(act(gate(x)) * up(x))``, with a hand-written backward.
+
+Saved for backward: ``x`` (only if a gate/up ``A`` trains), the gate and up outputs ``g``/``u`` (or
+Phi-3's single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
+saved: backward recomputes it from ``g``/``u`` (one elementwise pass) only where ``dA_down`` needs it.
+Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
+two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
+
+Backward, with ``dy`` upstream:
+
+* ``dh = dy W_d + s_d (dy B_d) A_d``, plus ``dA_d``/``dB_d`` as in :mod:`.projection`;
+* ``dg = dh * u * act'(g)``, ``du = dh * act(g)``, written over ``g``/``u`` in place (so this graph can be
+  walked backward once only);
+* ``dx`` and the gate/up LoRA grads from ``dg``/``du`` as for any shared-input projection.
+"""
+from __future__ import annotations
+
+import torch
+
+from .activation import check_activation, gated_backward_, gated_forward
+from .parts import as_parts
+from .projection import PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts
+
+
+class LoraMLPFunction(torch.autograd.Function):
+    """Gated MLP of LoRA projections (separate gate/up, or one fused gate_up). See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, activation, fused_gate_up, scales, *flat):
+        parts = unflat_parts(flat, scales)
+        in_parts, down = parts[:-1], parts[-1]
+        dtype = compute_dtype(x)
+        x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
+        outs, xas = forward_shared(x2, in_parts, dtype)
+        g, u = _split(outs, fused_gate_up)
+        h = gated_forward(g, u, activation)
+        (y,), (ha,) = forward_shared(h, [down], dtype)
+        del h
+        needs = ctx.needs_input_grad[4:]
+        need_a = [needs[i * PER_PROJ + 1] for i in range(len(parts))]
+        need_b = [needs[i * PER_PROJ + 2] for i in range(len(parts))]
+        n_in = len(in_parts)
+        ctx.dtype, ctx.x_dtype, ctx.scales, ctx.activation = dtype, x.dtype, scales, activation
+        ctx.fused, ctx.n_in, ctx.need_a, ctx.need_b, ctx.done = fused_gate_up, n_in, need_a, need_b, False
+        ctx.weights = [p.weight for p in parts]
+        saved = [x2 if any(need_a[:n_in]) else None, *outs]
+        saved += [xa if nb else None for xa, nb in zip(xas, need_b)]
+        saved += [ha if need_b[-1] else None]
+        saved += [t for p in parts for t in (p.A, p.B)]
+        ctx.save_for_backward(*saved)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.done:
+            raise RuntimeError("lora_mlp writes its gradients over its saved gate/up outputs, so its graph can be "
+                               "walked backward only once (retain_graph=True cannot reuse it)")
+        ctx.done = True
+        n_in, dtype = ctx.n_in, ctx.dtype
+        saved = ctx.saved_tensors
+        x2, outs = saved[0], list(saved[1:1 + n_in])
+        xas, ha = saved[1 + n_in:1 + 2 * n_in], saved[1 + 2 * n_in]
+        ab = saved[2 + 2 * n_in:]
+        parts = [as_parts((ctx.weights[i], ab[2 * i], ab[2 * i + 1], ctx.scales[i])) for i in range(n_in + 1)]
+        in_parts, down = parts[:-1], parts[-1]
+        need_a, need_b = ctx.need_a, ctx.need_b
+        dy2 = cast_to(dy.reshape(-1, dy.shape[-1]), dtype)
+        g, u = _split(outs, ctx.fused)
+
+        # down's LoRA grads first, with h recomputed and dropped before dh is allocated
+        if need_a[-1] or need_b[-1]:
+            h = gated_forward(g, u, ctx.activation) if need_a[-1] else None
+            _, d_as_down, d_bs_down = backward_shared(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]])
+            del h
+        else:
+            d_as_down, d_bs_down = [None], [None]
+
+        need_in = ctx.needs_input_grad[0] or any(need_a[:-1]) or any(need_b[:-1])
+        dx, d_as, d_bs = None, [None] * n_in, [None] * n_in
+        if need_in:
+            dh, _, _ = backward_shared(None, [ha], [down], [dy2], dtype, True, [False], [False])
+            gated_backward_(dh, g, u, ctx.activation)  # g, u now hold dL/dg, dL/du
+            del dh
+            dx, d_as, d_bs = backward_shared(x2, xas, in_parts, outs, dtype, ctx.needs_input_grad[0],
+                                             need_a[:-1], need_b[:-1])
+            if dx is not None:
+                dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
+        grads = grads_out(parts, d_as + d_as_down, d_bs + d_bs_down)
+        return (dx, None, None, None, *grads)
+
+
+def _split(outs, fused):
+    if fused:
+        gu = outs[0]
+        half = gu.shape[-1] // 2
+        return gu[:, :half], gu[:, half:]
+    return outs[0], outs[1]
+
+
+def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *, fused_gate_up: bool = False) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` for a gated MLP whose projections may carry LoRA adapters.
+
+    Args:
+        x: hidden states ``[..., hidden]``.
+        gate, up, down: LoraParts ``(weight, A, B, scale, bias)`` (or such tuples) of gate_proj, up_proj,
+            down_proj; A/B None for a projection without an adapter; weights may be bitsandbytes 4-bit.
+        activation: "swiglu" (SiLU: Llama, Mistral, Qwen, Phi-3), "geglu_tanh" (Gemma's
+            gelu_pytorch_tanh) or "geglu_exact" (erf GELU).
+        fused_gate_up: Phi-3's ``gate_up_proj``: ``gate`` is the one projection producing ``[gate | up]``
+            (gate first) and ``up`` must be None.
+
+    The backward overwrites the saved gate/up outputs, so the graph supports a single backward pass.
+    """
+    check_activation(activation)
+    if fused_gate_up:
+        if up is not None:
+            raise ValueError("fused_gate_up=True takes the fused gate_up projection as `gate`; pass up=None")
+        parts = [as_parts(gate), as_parts(down)]
+        width = parts[0].B.shape[0] if parts[0].B is not None else None
+        if width is not None and width % 2:
+            raise ValueError(f"fused gate_up projection must output an even width, its B has {width} rows")
+    else:
+        if up is None:
+            raise ValueError("up is None: pass the up projection, or fused_gate_up=True for Phi-3's gate_up_proj")
+        parts = [as_parts(gate), as_parts(up), as_parts(down)]
+    return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), tuple(float(p.scale) for p in parts),
+                                 *flat_parts(parts))

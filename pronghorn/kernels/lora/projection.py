@@ -1,0 +1,106 @@
+"""Forward and backward of LoRA projections that share one input; the building block of every fused path.
+
+For one projection ``y = x W^T + b + s (x A^T) B^T`` with frozen ``W``/``b`` and upstream ``dy``:
+
+* ``dx = dy W + s (dy B) A``
+* ``dA = s (dy B)^T x``
+* ``dB = s dy^T (x A^T)``
+
+so backward needs ``x`` (only if ``A`` trains), the small ``x A^T`` ``[N, r]`` (only if ``B`` trains), and
+``W``, which is re-materialised (dequantized for 4-bit bases) rather than saved. Projections sharing one
+input (q/k/v, gate/up) save that input once and run their ``A``s as one concatenated GEMM each way. The
+scale is applied to the small ``[N, r]`` factors so no full-size scaled copy exists. All matmuls run in
+one compute dtype: the autocast dtype when autocast is on, otherwise ``x.dtype``; gradients come back in
+each input's own dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dequant.weights import dense_weight
+from .parts import LoraParts
+
+PER_PROJ = 4  # weight, A, B, bias in the flat argument list of the autograd Functions
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def flat_parts(parts: list[LoraParts]) -> list:
+    out = []
+    for p in parts:
+        out += [p.weight, p.A, p.B, p.bias]
+    return out
+
+
+def unflat_parts(flat, scales) -> list[LoraParts]:
+    return [LoraParts(flat[i], flat[i + 1], flat[i + 2], scales[i // PER_PROJ], flat[i + 3])
+            for i in range(0, len(flat), PER_PROJ)]
+
+
+def cast_to(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[list, list]:
+    """Outputs of projections sharing input ``x2`` [N, in], and each one's ``x A^T`` (None without LoRA)."""
+    lora = [p for p in parts if p.A is not None]
+    xas_iter = iter(())
+    if lora:
+        a_cat = torch.cat([cast_to(p.A, dtype) for p in lora]) if len(lora) > 1 else cast_to(lora[0].A, dtype)
+        xa_all = x2 @ a_cat.t()
+        xas_iter = iter(xa_all.split([p.A.shape[0] for p in lora], dim=1))
+    outs, xas = [], []
+    for p in parts:
+        w = dense_weight(p.weight, dtype)
+        y = F.linear(x2, w, cast_to(p.bias, dtype))
+        del w  # a dequantized weight is freed here, before the next projection materialises its own
+        xa = next(xas_iter) if p.A is not None else None
+        if xa is not None:
+            y.addmm_(xa, cast_to(p.B, dtype).t(), alpha=p.scale)
+        outs.append(y)
+        xas.append(xa)
+    return outs, xas
+
+
+def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
+    """``(dx, [dA], [dB])`` for projections sharing ``x2``; ``x2`` is used only for dA and may be None
+    then. dA is done before dx so a recomputed ``x2`` can be freed by the caller before dx allocates."""
+    d_as, d_bs = [None] * len(parts), [None] * len(parts)
+    lora_idx = [i for i, p in enumerate(parts) if p.A is not None]
+    ts = {}
+    for i in lora_idx:
+        p, dy = parts[i], dys[i]
+        if need_b[i]:
+            d_bs[i] = dy.t() @ (xas[i] * p.scale)
+        if need_dx or need_a[i]:
+            ts[i] = (dy @ cast_to(p.B, dtype)) * p.scale
+    if any(need_a[i] for i in ts):
+        for i in ts:
+            if need_a[i]:
+                d_as[i] = ts[i].t() @ x2
+    dx = None
+    if need_dx:
+        for p, dy in zip(parts, dys):
+            w = dense_weight(p.weight, dtype)
+            dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            del w
+        if ts:
+            order = list(ts)
+            t_cat = torch.cat([ts[i] for i in order], dim=1) if len(order) > 1 else ts[order[0]]
+            a_cat = torch.cat([cast_to(parts[i].A, dtype) for i in order]) if len(order) > 1 else cast_to(parts[order[0]].A, dtype)
+            dx.addmm_(t_cat, a_cat)
+    return dx, d_as, d_bs
+
+
+def grads_out(parts, d_as, d_bs):
+    out = []
+    for p, da, db in zip(parts, d_as, d_bs):
+        out += [None, cast_to(da, p.A.dtype) if da is not None else None,
+                cast_to(db, p.B.dtype) if db is not None else None, None]
+    return out
