@@ -17,10 +17,9 @@ from pronghorn.models.families import FamilySpec
 
 
 def rms_norm_forward(self, hidden_states, *, spec: FamilySpec):
-    from pronghorn.kernels.rms_norm import rms_norm
+    from pronghorn.nn.norms import rms_norm_forward as fused_rms_norm
 
-    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
-    return rms_norm(hidden_states, self.weight, eps, offset=spec.norm_offset, cast_mode=spec.norm_cast)
+    return fused_rms_norm(self, hidden_states, offset=spec.norm_offset, cast_mode=spec.norm_cast)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -81,56 +80,31 @@ def mlp_forward(self, hidden_states, *, spec: FamilySpec):
 # ---------------------------------------------------------------------------------------- LM head loss
 
 
-def head_weight(lm_head) -> torch.Tensor | None:
-    """The dense weight of a plain (or PEFT modules_to_save) LM head; None when it has LoRA or is quantized."""
-    if type(lm_head) is torch.nn.Linear and lm_head.bias is None:
-        return lm_head.weight
-    to_save = getattr(lm_head, "modules_to_save", None)
-    if to_save is not None and not getattr(lm_head, "disable_adapters", False):
-        active = getattr(lm_head, "active_adapter", None)
-        active = active[0] if isinstance(active, (list, tuple)) else active
-        if active in to_save:
-            return head_weight(to_save[active])
-        return head_weight(lm_head.original_module)
-    return None
-
-
-def logit_transform(config) -> tuple[float | None, float]:
-    """(soft-cap, scale) applied to a family's logits, read from its config as transformers' forwards do."""
-    text = config.get_text_config()
-    softcap = getattr(text, "final_logit_softcapping", None)
-    scale = getattr(text, "logit_scale", None)
-    if scale is None and getattr(text, "logits_scaling", None):
-        scale = 1.0 / text.logits_scaling
-    return softcap, float(scale) if scale is not None else 1.0
-
-
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, original, **kwargs):
     """Training steps with labels compute the loss chunk by chunk from hidden states (logits never exist);
     everything else (evaluation, generation, inference mode) takes the model's own forward."""
     shift_labels = kwargs.get("shift_labels")
-    weight = head_weight(self.get_output_embeddings())
     patch = getattr(self, "_pronghorn_patch", None)
     fused = (
         (labels is not None or shift_labels is not None) and self.training and torch.is_grad_enabled()
-        and weight is not None and not (patch is not None and patch.inference)
+        and not (patch is not None and patch.inference)
+        # MoE routers add an auxiliary loss inside the model's own forward: keep that forward
         and not getattr(self.config.get_text_config(), "output_router_logits", False)
     )
     if not fused:
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-    from pronghorn.kernels.cross_entropy import causal_lm_fused_loss
+    from pronghorn.nn.lm_head_loss import lm_head_loss, lm_head_spec_from_config
 
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                  use_cache=use_cache, **kwargs)
-    softcap, scale = logit_transform(self.config)
-    loss = causal_lm_fused_loss(outputs.last_hidden_state, weight, labels=None if shift_labels is not None else labels,
-                                shift_labels=shift_labels, softcap=softcap, logit_scale=scale,
-                                num_items_in_batch=num_items_in_batch)
+    loss = lm_head_loss(outputs.last_hidden_state, self.get_output_embeddings(),
+                        labels=None if shift_labels is not None else labels, shift_labels=shift_labels,
+                        num_items_in_batch=num_items_in_batch, spec=lm_head_spec_from_config(self.config))
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)

@@ -71,9 +71,7 @@ class FastLanguageModel:
         quant = quantization_config(load_in_4bit, load_in_8bit, dtype)
         if not torch.cuda.is_available():
             device_map = None
-        from pronghorn.nn.attention import choose_attention
-
-        attn = attn_implementation or choose_attention(config)
+        attn = _attention_for(config, attn_implementation)
         model = AutoModelForCausalLM.from_pretrained(
             source.base, config=config, dtype=dtype, quantization_config=quant, device_map=device_map,
             attn_implementation=attn, **hub_kwargs, **kwargs,
@@ -158,6 +156,16 @@ def _remember(model, **facts) -> None:
     record = dict(getattr(model, "_pronghorn_load", {}) or {})
     record.update(facts)
     model._pronghorn_load = record
+
+
+def _attention_for(config, requested: str | None) -> str:
+    from pronghorn.nn.attention import VARLEN_SDPA, choose_attention_implementation, register_varlen_sdpa
+
+    choice = choose_attention_implementation(config, requested=requested)
+    if choice.implementation == VARLEN_SDPA:
+        register_varlen_sdpa()
+    logger.info("Attention: %s (%s)", choice.implementation, choice.reason)
+    return choice.implementation
 
 
 def _load_adapter(model, adapter_dir: str, use_gradient_checkpointing):
