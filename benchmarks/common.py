@@ -1,0 +1,375 @@
+"""Shared pieces of the end-to-end benchmarks: model shapes, random-init checkpoints, FLOP counts,
+the measured matmul peak, and the environment record every result carries.
+
+Importing this module imports only torch and the standard library: transformers is imported inside
+the functions that need it, because Unsloth must be imported before transformers in its own run.
+
+Command line (used by benchmarks/run_gpu.sh)::
+
+    python benchmarks/common.py build --shape llama-3.1-8b --dir /dev/shm/pronghorn-bench/llama-3.1-8b
+    python benchmarks/common.py peak --out $OUT/peak.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+# The linear layers LoRA adapts in every configuration of the benchmark.
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Packages whose versions every result records ("absent" when not importable in that process).
+VERSIONED_PACKAGES = ["torch", "triton", "transformers", "peft", "accelerate", "trl", "bitsandbytes",
+                      "unsloth", "unsloth_zoo", "liger-kernel", "safetensors", "tokenizers"]
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape: a transformers ``model_type``, its config fields, and the default workload."""
+
+    name: str
+    model_type: str
+    config: dict
+    special_tokens: dict  # role -> (token text, id); roles: bos, eos, pad, unk
+    batch_size: int = 2
+    seq_len: int = 2048
+    hf_attn: str = "sdpa"  # attn_implementation for the transformers-loaded configurations
+    notes: str = ""
+
+
+SHAPES = {
+    "llama-3.1-8b": Shape(
+        name="llama-3.1-8b", model_type="llama",
+        config=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                    bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
+        special_tokens={"bos": ("<|begin_of_text|>", 128000), "eos": ("<|end_of_text|>", 128001),
+                        "pad": ("<|finetune_right_pad_id|>", 128004), "unk": ("<|reserved_special_token_0|>", 128002)},
+    ),
+    "qwen3-8b": Shape(
+        name="qwen3-8b", model_type="qwen3",
+        config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                    rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False,
+                    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+        special_tokens={"bos": ("<|endoftext|>", 151643), "eos": ("<|im_end|>", 151645),
+                        "pad": ("<|endoftext|>", 151643), "unk": ("<|object_ref_start|>", 151646)},
+    ),
+    "gemma-2-9b": Shape(
+        name="gemma-2-9b", model_type="gemma2",
+        config=dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=256, vocab_size=256000, max_position_embeddings=8192,
+                    rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+                    hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=50.0,
+                    final_logit_softcapping=30.0, sliding_window=4096, query_pre_attn_scalar=256,
+                    bos_token_id=2, eos_token_id=1, pad_token_id=0),
+        special_tokens={"bos": ("<bos>", 2), "eos": ("<eos>", 1), "pad": ("<pad>", 0), "unk": ("<unk>", 3)},
+        hf_attn="eager",
+        notes="transformers refuses SDPA for Gemma-2 (attention softcapping), so hf_peft/liger use eager",
+    ),
+    # CPU smoke-test shapes: the same families, small enough to train in seconds.
+    "tiny": Shape(
+        name="tiny", model_type="llama",
+        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        special_tokens={"bos": ("<s>", 1), "eos": ("</s>", 2), "pad": ("<pad>", 0), "unk": ("<unk>", 3)},
+        batch_size=2, seq_len=64,
+    ),
+    "tiny-qwen3": Shape(
+        name="tiny-qwen3", model_type="qwen3",
+        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        special_tokens={"bos": ("<s>", 1), "eos": ("</s>", 2), "pad": ("<pad>", 0), "unk": ("<unk>", 3)},
+        batch_size=2, seq_len=64,
+    ),
+    "tiny-gemma2": Shape(
+        name="tiny-gemma2", model_type="gemma2",
+        config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=256,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=32,
+                    query_pre_attn_scalar=16, tie_word_embeddings=True,
+                    bos_token_id=2, eos_token_id=1, pad_token_id=0),
+        special_tokens={"bos": ("<bos>", 2), "eos": ("<eos>", 1), "pad": ("<pad>", 0), "unk": ("<unk>", 3)},
+        batch_size=2, seq_len=64, hf_attn="eager",
+    ),
+}
+
+
+def get_shape(name: str) -> Shape:
+    """The :class:`Shape` called ``name``; raises ``KeyError`` listing the known names."""
+    if name not in SHAPES:
+        raise KeyError(f"unknown shape {name!r}; known shapes: {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def build_config(shape: Shape):
+    """The transformers config of ``shape`` (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(shape.model_type, **shape.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint on disk: random bf16 weights plus a tokenizer of exactly the config's vocabulary size
+# ---------------------------------------------------------------------------------------------
+
+def build_tokenizer(shape: Shape):
+    """A WordLevel tokenizer with one entry per id of the shape's vocabulary.
+
+    Loaders (Hugging Face, Unsloth, pronghorn) check that the tokenizer matches the embedding size, so
+    every id has a token; the special tokens sit at the ids the real model family uses.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_size = shape.config["vocab_size"]
+    names = {tid: text for text, tid in shape.special_tokens.values()}
+    vocab = {names.get(i, f"w{i}"): i for i in range(vocab_size)}
+    if len(vocab) != vocab_size:
+        raise ValueError(f"special tokens of {shape.name} collide with generated words: {shape.special_tokens}")
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=shape.special_tokens["unk"][0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    roles = {f"{role}_token": text for role, (text, _) in shape.special_tokens.items()}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=shape.config["max_position_embeddings"],
+                                   **roles)
+
+
+def _marker(shape: Shape) -> dict:
+    return {"shape": shape.name, "model_type": shape.model_type, "config": shape.config}
+
+
+def checkpoint_is_current(shape: Shape, path) -> bool:
+    """True when ``path`` holds a checkpoint this module built for exactly ``shape``."""
+    marker = Path(path) / "pronghorn_bench_shape.json"
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()) == json.loads(json.dumps(_marker(shape)))
+
+
+def build_checkpoint(shape: Shape, path, device: str | None = None, seed: int = 0) -> dict:
+    """Write a random-init bf16 checkpoint of ``shape`` plus its tokenizer to ``path``.
+
+    Weights are created directly on ``device`` (default: CUDA when present) in bf16, so an 8B model
+    is initialised in seconds instead of minutes on CPU. Returns timings in seconds.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(build_config(shape), dtype=torch.bfloat16)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    model.save_pretrained(path)
+    t2 = time.perf_counter()
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    build_tokenizer(shape).save_pretrained(path)
+    t3 = time.perf_counter()
+    # Written last, so an interrupted build is never mistaken for a complete one.
+    (path / "pronghorn_bench_shape.json").write_text(json.dumps(_marker(shape), indent=1))
+    return {"init_s": t1 - t0, "save_s": t2 - t1, "tokenizer_s": t3 - t2, "n_params": n_params}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# ---------------------------------------------------------------------------------------------
+
+def _mean_keys_per_query(seq_len: int, window: int | None) -> float:
+    """Mean number of keys a query attends to under a causal mask, optionally limited to ``window``.
+
+    Full causal attention gives seq_len / 2 (the usual "half of the square" convention); a sliding
+    window shorter than the sequence attends to fewer keys.
+    """
+    if window is None or window >= seq_len:
+        return seq_len / 2
+    # Query i sees min(i + 1, window) keys.
+    total = window * (window + 1) / 2 + (seq_len - window) * window
+    return total / seq_len
+
+
+def flop_counts(shape: Shape, seq_len: int, lora_r: int, target_modules=TARGET_MODULES) -> dict:
+    """Matmul parameter counts and training FLOPs per token for ``shape`` at ``seq_len``.
+
+    * ``matmul_params``: weights of every linear layer (attention and MLP projections, LM head);
+      embedding lookups and norms are not matmuls and are left out.
+    * ``attn_flops_per_token``: causal attention scores and weighted values, forward + backward:
+      3 (fwd + 2 bwd) x 2 (QK^T and PV) x 2 (multiply-add) x n_layers x keys_per_query x (heads x head_dim),
+      which for full layers is the standard 6 x n_layers x seq x d_q (12 x L x s x d_q halved for causal).
+    * ``flops_per_token_6n``: 6 x matmul_params + attention; the issue's MFU definition, as if every weight
+      received a gradient.
+    * ``flops_per_token_lora``: 4 x matmul_params (frozen weights: forward + input gradient, no weight
+      gradient) + 6 x lora_params + attention; the work LoRA training actually needs.
+    Neither counts the forward recomputed by gradient checkpointing (that would be hardware FLOPs).
+    """
+    c = shape.config
+    hidden, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    d_q, d_kv = heads * head_dim, kv_heads * head_dim
+    linears = {"q_proj": (hidden, d_q), "k_proj": (hidden, d_kv), "v_proj": (hidden, d_kv),
+               "o_proj": (d_q, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+               "down_proj": (inter, hidden)}
+    per_layer = sum(i * o for i, o in linears.values())
+    lora_per_layer = sum(lora_r * (i + o) for name, (i, o) in linears.items() if name in target_modules)
+    matmul_params = layers * per_layer + hidden * c["vocab_size"]
+    lora_params = layers * lora_per_layer
+    window = c.get("sliding_window")
+    if shape.model_type == "gemma2":  # every other layer (starting with the first) is sliding
+        n_sliding = (layers + 1) // 2
+    else:
+        n_sliding, window = 0, None
+    keys = (layers - n_sliding) * _mean_keys_per_query(seq_len, None) + n_sliding * _mean_keys_per_query(seq_len, window)
+    attn = 3 * 2 * 2 * keys * d_q
+    return {"matmul_params": matmul_params, "lora_params": lora_params, "attn_flops_per_token": attn,
+            "flops_per_token_6n": 6 * matmul_params + attn,
+            "flops_per_token_lora": 4 * matmul_params + 6 * lora_params + attn}
+
+
+def measure_matmul_tflops(n: int = 8192, repeats: int = 10, warmup: int = 3, device: str | None = None) -> dict:
+    """Measured dense bf16 matmul rate: median over ``repeats`` timed ``n x n x n`` products (TFLOP/s)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(warmup + repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - t
+        if i >= warmup:
+            times.append(seconds)
+    median = statistics.median(times)
+    return {"matmul_n": n, "repeats": repeats, "median_s": median, "tflops": 2 * n**3 / median / 1e12,
+            "device": device_name(device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment record
+# ---------------------------------------------------------------------------------------------
+
+def device_name(device: str | None = None) -> str:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def package_versions() -> dict:
+    """Installed version of each package in ``VERSIONED_PACKAGES``, or ``"absent"``."""
+    out = {}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    out["python"] = sys.version.split()[0]
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def git_commit(default: str | None = None) -> str:
+    """``default`` when given, else the commit of the checkout this file lives in (+ '-dirty'), else 'unknown'."""
+    if default:
+        return default
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` atomically, so a process killed mid-write leaves the previous record intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="write a random-init checkpoint + tokenizer of a shape")
+    b.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    b.add_argument("--dir", required=True, help="output directory (e.g. /dev/shm/pronghorn-bench/<shape>)")
+    b.add_argument("--force", action="store_true", help="rebuild even if a current checkpoint is there")
+    b.add_argument("--clean-siblings", action="store_true",
+                   help="delete other shapes' checkpoints next to --dir (keeps /dev/shm from filling up)")
+    p = sub.add_parser("peak", help="measure the bf16 matmul rate once and write it as JSON")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=8192 if torch.cuda.is_available() else 1024)
+    p.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+    if args.cmd == "build":
+        shape, path = get_shape(args.shape), Path(args.dir)
+        if args.clean_siblings and path.parent.is_dir():
+            for other in path.parent.iterdir():
+                if other != path and (other / "pronghorn_bench_shape.json").is_file():
+                    print(f"removing other shape's checkpoint {other}", flush=True)
+                    shutil.rmtree(other)
+        if not args.force and checkpoint_is_current(shape, path):
+            print(f"checkpoint for {shape.name} already at {path}; reusing it", flush=True)
+            return 0
+        timings = build_checkpoint(shape, path)
+        print(f"built {shape.name} ({timings['n_params'] / 1e9:.2f} B params) at {path}: "
+              f"init {timings['init_s']:.1f} s, save {timings['save_s']:.1f} s, "
+              f"tokenizer {timings['tokenizer_s']:.1f} s", flush=True)
+    else:
+        result = measure_matmul_tflops(n=args.n, repeats=args.repeats)
+        result.update(date=now_utc(), versions=package_versions())
+        write_json(args.out, result)
+        print(f"bf16 matmul {args.n}^3 on {result['device']}: {result['tflops']:.1f} TFLOP/s (median of "
+              f"{args.repeats})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""End-to-end LoRA / QLoRA training throughput of one configuration, in its own process.
+
+Unsloth and Liger patch transformers for the whole process, so every configuration runs alone:
+
+    python benchmarks/train_throughput.py --shape llama-3.1-8b --config hf_peft --mode bf16 \
+        --model-dir /dev/shm/pronghorn-bench/llama-3.1-8b --out $OUT/hf_peft-bf16.json
+
+Configurations (all train with the same plain loop, see ``train``):
+
+* ``hf_peft``   transformers ``from_pretrained`` (SDPA) + PEFT LoRA, non-reentrant gradient checkpointing
+* ``liger``     the same after Liger-Kernel's patch for the model family
+* ``unsloth``   ``unsloth.FastLanguageModel`` load + ``get_peft_model``
+* ``pronghorn`` ``pronghorn.FastLanguageModel`` load + ``get_peft_model`` (the same call signature)
+
+The JSON record is rewritten after every phase (started, loaded, warmed, ok), so a run killed by a
+timeout still leaves how far it got; an exception or an out-of-memory error is recorded, not raised.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+CONFIGS = ["hf_peft", "liger", "unsloth", "pronghorn"]
+MODES = ["bf16", "qlora"]
+LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "qwen3": "apply_liger_kernel_to_qwen3",
+                 "gemma2": "apply_liger_kernel_to_gemma2"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", required=True, choices=sorted(common.SHAPES))
+    p.add_argument("--config", required=True, choices=CONFIGS)
+    p.add_argument("--mode", default="bf16", choices=MODES, help="bf16 LoRA or 4-bit (nf4) QLoRA")
+    p.add_argument("--model-dir", help="checkpoint built by `common.py build` (default /dev/shm/pronghorn-bench/<shape>)")
+    p.add_argument("--out", required=True, help="JSON record to write")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the shape's, 2)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the shape's, 2048)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (Unsloth compiles here)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--gc", default="unsloth", choices=["unsloth", "true"],
+                   help="use_gradient_checkpointing passed to unsloth/pronghorn get_peft_model; "
+                        "hf_peft and liger always use non-reentrant checkpointing")
+    p.add_argument("--attn", choices=["sdpa", "eager"],
+                   help="attn_implementation for hf_peft/liger (default: the shape's; sdpa except Gemma-2)")
+    p.add_argument("--no-autocast", dest="autocast", action="store_false",
+                   help="run forward without bf16 autocast (weights are bf16 either way)")
+    p.add_argument("--peak-json", help="matmul peak written by `common.py peak` (else measured here)")
+    p.add_argument("--commit", help="git commit to record (default: asks git, else 'unknown')")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: each returns a PEFT-wrapped model with gradient checkpointing on, ready to train
+# ---------------------------------------------------------------------------------------------
+
+def _bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_hf_peft(args, shape, model_dir):
+    """transformers + PEFT, the reference recipe.
+
+    QLoRA skips ``prepare_model_for_kbit_training``: it upcasts norms and embeddings to fp32, which the
+    other configurations do not do; the checkpointing and input-grad hook it would add are set here.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=torch.bfloat16, attn_implementation=args.attn, device_map={"": args.device})
+    if args.mode == "qlora":
+        kwargs["quantization_config"] = _bnb_config()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=common.TARGET_MODULES, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_liger(args, shape, model_dir):
+    """Liger-Kernel's class-level patch for the family (RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE), then hf_peft."""
+    import liger_kernel.transformers as liger
+
+    if shape.model_type not in LIGER_PATCHES:
+        raise ValueError(f"no Liger patch mapped for model_type {shape.model_type!r}; known: {sorted(LIGER_PATCHES)}")
+    getattr(liger, LIGER_PATCHES[shape.model_type])()
+    return load_hf_peft(args, shape, model_dir)
+
+
+def _fast_language_model_peft(flm, args, model_dir, seq_len, extra=None):
+    model, _tokenizer = flm.from_pretrained(model_name=str(model_dir), max_seq_length=seq_len,
+                                            dtype=torch.bfloat16, load_in_4bit=args.mode == "qlora")
+    gc = "unsloth" if args.gc == "unsloth" else True
+    return flm.get_peft_model(model, r=args.rank, lora_alpha=args.alpha, lora_dropout=0,
+                              target_modules=list(common.TARGET_MODULES), use_gradient_checkpointing=gc,
+                              random_state=3407, **(extra or {}))
+
+
+def load_unsloth(args, shape, model_dir, seq_len):
+    """Unsloth's FastLanguageModel (imported first thing in this process, as Unsloth requires)."""
+    from unsloth import FastLanguageModel
+
+    return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len, extra={"bias": "none"})
+
+
+def load_pronghorn(args, shape, model_dir, seq_len):
+    """pronghorn's Unsloth-compatible FastLanguageModel."""
+    from pronghorn import FastLanguageModel
+
+    return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop shared by every configuration
+# ---------------------------------------------------------------------------------------------
+
+def make_batches(vocab_size: int, n: int, batch_size: int, seq_len: int, seed: int = 1234) -> torch.Tensor:
+    """``n`` batches of random token ids, identical in every configuration's process."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, batch_size, seq_len), generator=gen)
+
+
+class Timer:
+    """Per-step wall time: CUDA events on GPU (no sync inside the loop), perf_counter on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_seconds(self) -> list:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None) -> dict:
+    """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
+
+    Warm-up steps run first and are not timed; peak memory is reset after them, so ``peak_gib`` is the
+    steady-state step (including optimizer state, which exists from the first step on).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable parameters after get_peft_model")
+    opt = torch.optim.AdamW(params, lr=lr, fused=device.startswith("cuda"))
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    model.train()
+
+    def step(ids):
+        ids = ids.to(device, non_blocking=True)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    t0 = time.perf_counter()
+    warm_losses = [step(batches[i]) for i in range(warmup)]
+    _sync(device)
+    warm = {"warmup_s": time.perf_counter() - t0, "warmup_losses": [x.item() for x in warm_losses]}
+    if on_warmed:
+        on_warmed(warm)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timer, losses = Timer(device), []
+    _sync(device)
+    t0 = time.perf_counter()
+    timer.mark()
+    for i in range(warmup, warmup + steps):
+        losses.append(step(batches[i]))
+        timer.mark()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    out = dict(warm, timed_s=elapsed, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
+               trainable_params=sum(p.numel() for p in params),
+               trainable_dtypes=sorted({str(p.dtype) for p in params}))
+    if device_type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+def _peak_tflops(args) -> dict:
+    if args.peak_json:
+        import json
+
+        return json.loads(Path(args.peak_json).read_text())
+    return common.measure_matmul_tflops(n=8192 if args.device.startswith("cuda") else 1024, device=args.device)
+
+
+def run(args) -> dict:
+    """Load, warm up, time; returns the record (also written to ``args.out`` after every phase)."""
+    shape = common.get_shape(args.shape)
+    batch_size = args.batch_size or shape.batch_size
+    seq_len = args.seq_len or shape.seq_len
+    model_dir = Path(args.model_dir or f"/dev/shm/pronghorn-bench/{shape.name}")
+    args.attn = args.attn or shape.hf_attn
+    record = dict(kind="train_throughput", config=args.config, shape=shape.name, mode=args.mode,
+                  gradient_checkpointing=("non-reentrant" if args.config in ("hf_peft", "liger") else args.gc),
+                  attn_implementation=(args.attn if args.config in ("hf_peft", "liger") else "library default"),
+                  autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
+                  warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
+                  target_modules=common.TARGET_MODULES, status="started", date=common.now_utc(),
+                  device=common.device_name(args.device), commit=common.git_commit(args.commit),
+                  argv=sys.argv[1:], shape_notes=shape.notes)
+    common.write_json(args.out, record)
+    try:
+        if not common.checkpoint_is_current(shape, model_dir):
+            raise FileNotFoundError(f"no checkpoint of shape {shape.name} at {model_dir}; build it with "
+                                    f"`python benchmarks/common.py build --shape {shape.name} --dir {model_dir}`")
+        t0 = time.perf_counter()
+        if args.config == "unsloth":
+            model = load_unsloth(args, shape, model_dir, seq_len)
+        elif args.config == "pronghorn":
+            model = load_pronghorn(args, shape, model_dir, seq_len)
+        elif args.config == "liger":
+            model = load_liger(args, shape, model_dir)
+        else:
+            model = load_hf_peft(args, shape, model_dir)
+        _sync(args.device)
+        record.update(status="loaded", load_s=time.perf_counter() - t0, versions=common.package_versions())
+        if args.device.startswith("cuda"):
+            record["model_gib"] = torch.cuda.memory_allocated() / 2**30
+        common.write_json(args.out, record)
+
+        batches = make_batches(shape.config["vocab_size"], args.warmup + args.steps, batch_size, seq_len)
+
+        def on_warmed(warm):
+            record.update(status="warmed", **warm)
+            common.write_json(args.out, record)
+
+        result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed)
+        record.update(result)
+        record["ms_per_step"] = 1e3 * result["timed_s"] / args.steps
+        record["tokens_per_s"] = batch_size * seq_len * args.steps / result["timed_s"]
+        peak = _peak_tflops(args)
+        flops = common.flop_counts(shape, seq_len, args.rank)
+        record.update(flops=flops, peak_matmul_tflops=peak["tflops"],
+                      achieved_tflops_6n=flops["flops_per_token_6n"] * record["tokens_per_s"] / 1e12,
+                      achieved_tflops_lora=flops["flops_per_token_lora"] * record["tokens_per_s"] / 1e12)
+        record["mfu"] = record["achieved_tflops_6n"] / peak["tflops"]
+        record["mfu_lora"] = record["achieved_tflops_lora"] / peak["tflops"]
+        record["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        record.update(status="oom", error=f"OutOfMemoryError: {str(e).splitlines()[0]}",
+                      traceback=traceback.format_exc()[-4000:])
+    except Exception as e:  # any failure of a third-party stack is a result to record, not a crash
+        record.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-4000:])
+    record.setdefault("versions", common.package_versions())
+    record["finished"] = common.now_utc()
+    common.write_json(args.out, record)
+    return record
+
+
+def _gib(x) -> str:
+    return "n/a (no CUDA)" if x is None else f"{x:.2f} GiB"
+
+
+def main(argv=None) -> int:
+    for k, v in common.OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    args = parse_args(argv)
+    rec = run(args)
+    if rec["status"] == "ok":
+        print(f"[{rec['config']}/{rec['mode']}] {rec['shape']} {rec['batch_size']}x{rec['seq_len']}: "
+              f"{rec['tokens_per_s']:,.0f} tokens/s, {rec['ms_per_step']:.1f} ms/step, "
+              f"peak {_gib(rec.get('peak_gib'))}, MFU {100 * rec['mfu']:.1f}% (6N) / "
+              f"{100 * rec['mfu_lora']:.1f}% (LoRA), losses {[round(x, 4) for x in rec['losses']]}", flush=True)
+        return 0
+    print(f"[{rec['config']}/{rec['mode']}] {rec['status'].upper()}: {rec.get('error')}", flush=True)
+    if "traceback" in rec:
+        print(rec["traceback"], file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
