@@ -99,3 +99,25 @@ def test_gpu_gemma_sized(approximate):
     got = _fwd_bwd(geglu, gate, up, dh, approximate, inplace_backward=True)
     for a, b in zip(got, _fwd_bwd(geglu_reference, gate, up, dh, approximate)):
         assert_close(a, b, torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_mlp_forward_gemma(family):
+    from pronghorn.nn.activations import activation_for_hf, mlp_forward
+    from tests.factories import tiny_model
+
+    model = tiny_model(family)
+    cfg = model.config  # Gemma names it hidden_act, Gemma-2 hidden_activation
+    activation = activation_for_hf(getattr(cfg, "hidden_activation", None) or cfg.hidden_act)
+    assert activation == "geglu_tanh"
+    mlp = model.model.layers[0].mlp.to(DEVICE)
+    x = torch.randn(2, 5, model.config.hidden_size, device=DEVICE)
+    results = []
+    for fn in (lambda t: mlp(t), lambda t: mlp_forward(mlp, t, activation)):
+        mlp.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in mlp.parameters()])
+    for a, b in zip(*results):
+        assert_close(a, b, scale=10)  # HF rounds after the activation; fp32 agrees to ~1e-6
