@@ -87,8 +87,9 @@ _GEMMA_PARTS = dict(
 
 SPECS = (
     dict(name="gemma", aliases=("gemma-1", "gemma-1.1", "gemma-it"), ollama_params={"temperature": 0.7},
+         tool_format="gemma",
          source="google/gemma-1.1-7b-it chat_template (system folded into first user turn)", **_GEMMA_PARTS),
-    dict(name="gemma-2", aliases=("gemma2",), ollama_params={"temperature": 0.7, "top_p": 0.95},
+    dict(name="gemma-2", aliases=("gemma2",), ollama_params={"temperature": 0.7, "top_p": 0.95}, tool_format="gemma",
          source="google/gemma-2-9b-it chat_template (system folded into first user turn)", **_GEMMA_PARTS),
     dict(name="gemma-3", aliases=("gemma3",), tool_format="gemma",
          ollama_params={"temperature": 1.0, "top_k": 64, "top_p": 0.95, "min_p": 0.0},
