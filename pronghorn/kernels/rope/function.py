@@ -15,7 +15,7 @@ def _as_bhsd(t: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
 def _is_dense(t: torch.Tensor) -> bool:
     """True when every element of ``t`` has its own memory and together they fill one block."""
     expected = 1
-    for size, stride in sorted((s, st) for st, s in zip(t.stride(), t.shape) if s != 1):
+    for stride, size in sorted((st, s) for st, s in zip(t.stride(), t.shape) if s != 1):
         if stride != expected:
             return False
         expected *= size
@@ -37,8 +37,13 @@ def _writable_grads(dq: torch.Tensor, dk: torch.Tensor, q_like: tuple, k_like: t
     return a1 <= b0 or b1 <= a0
 
 
+def _out_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
+    """The dtype Hugging Face's ``x * cos + rotate_half(x) * sin`` produces."""
+    return torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+
+
 class RoPEFunction(torch.autograd.Function):
-    r"""Rotary embedding of Q and K in one kernel launch, with a hand-written backward.
+    r"""Rotary embedding of Q and K in one kernel launch, into new tensors, with a hand-written backward.
 
     For each pair of features ``(x1, x2)`` at one position the forward map is linear:
 
@@ -53,44 +58,25 @@ class RoPEFunction(torch.autograd.Function):
     ``rotary_dim`` are the identity in both directions. ``cos``/``sin`` get no gradient (Hugging Face
     builds them under ``no_grad``); ``apply_rope`` sends them to the reference when they need one.
 
-    Autograd choices:
-
-    * ``inplace=False`` (default): new output tensors, laid out like the inputs; the inputs are
-      untouched, exactly like ``transformers``' ``apply_rotary_pos_emb``.
-    * ``inplace=True``: the kernel writes into ``q`` and ``k`` and the Function calls
-      ``ctx.mark_dirty(q, k)``; autograd bumps their version counters (so a stale save elsewhere is
-      reported loudly) and rebases views correctly. Nothing is saved but ``cos``/``sin``, which the
-      backward needs, so rotating in place never invalidates this Function's own backward.
-    * ``inplace_backward=True``: the input gradients are written into the incoming gradient buffers
-      when they are dense, of the right dtype, and do not overlap each other; otherwise new buffers.
-      Correct only when nothing else reads those gradient tensors; that holds inside an attention
-      layer, where they come fresh from the attention backward.
+    The outputs are new tensors laid out like the inputs, which stay untouched, exactly as with
+    ``transformers``' ``apply_rotary_pos_emb``; only ``cos``/``sin`` are saved. With
+    ``inplace_backward`` the input gradients are written into the incoming gradient buffers when
+    those are dense, of the inputs' dtype, and do not overlap each other; otherwise into new
+    buffers. That is correct only when nothing else reads those gradient tensors, which holds inside
+    an attention layer, where they come fresh from the attention backward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, unsqueeze_dim, interleaved, inplace, inplace_backward):
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim, interleaved, inplace_backward):
         from pronghorn.kernels.rope.triton import rope_launch
 
-        out_dtype_q = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
-        out_dtype_k = torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype)
-        if inplace:
-            if out_dtype_q != q.dtype or out_dtype_k != k.dtype:
-                raise ValueError(
-                    f"apply_rope(inplace=True) needs cos/sin ({cos.dtype}, {sin.dtype}) no wider than q/k "
-                    f"({q.dtype}, {k.dtype}): the result would be promoted and cannot be written back"
-                )
-            q_out, k_out = q, k
-        else:
-            q_out = torch.empty_like(q, dtype=out_dtype_q)
-            k_out = torch.empty_like(k, dtype=out_dtype_k)
-        int64 = needs_int64(q, k, q_out, k_out)
+        q_out = torch.empty_like(q, dtype=_out_dtype(q, cos, sin))
+        k_out = torch.empty_like(k, dtype=_out_dtype(k, cos, sin))
         rope_launch(
             _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim),
             _as_bhsd(q_out, unsqueeze_dim), _as_bhsd(k_out, unsqueeze_dim),
-            cos, sin, backward=False, interleaved=interleaved, int64=int64,
+            cos, sin, backward=False, interleaved=interleaved, int64=needs_int64(q, k, q_out, k_out),
         )
-        if inplace:
-            ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.interleaved, ctx.inplace_backward = unsqueeze_dim, interleaved, inplace_backward
         ctx.q_like = (q.shape, q.dtype)
@@ -115,8 +101,64 @@ class RoPEFunction(torch.autograd.Function):
         return (
             dq if ctx.needs_input_grad[0] else None,
             dk if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None,
         )
+
+
+class RoPEInplaceFunction(torch.autograd.Function):
+    """Rotary embedding of one tensor in place, for use under autograd (same maths as :class:`RoPEFunction`).
+
+    The kernel overwrites ``x`` and the Function calls ``ctx.mark_dirty(x)``, so autograd bumps the
+    version counter (a stale save elsewhere is reported loudly) and rebases views onto their base.
+    Autograd supports that for a view input only when the Function has a single output, which is why
+    Q and K go through one call each here rather than one launch together. The backward rotates the
+    incoming gradient by ``-sin`` into a new buffer. Only ``cos``/``sin`` are saved, so overwriting
+    ``x`` never invalidates this Function's own backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, unsqueeze_dim, interleaved):
+        from pronghorn.kernels.rope.triton import rope_launch
+
+        xv = _as_bhsd(x, unsqueeze_dim)
+        rope_launch(xv, None, xv, None, cos, sin, backward=False, interleaved=interleaved, int64=needs_int64(x))
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin)
+        ctx.unsqueeze_dim, ctx.interleaved = unsqueeze_dim, interleaved
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        from pronghorn.kernels.rope.triton import rope_launch
+
+        cos, sin = ctx.saved_tensors
+        dx = torch.empty_like(dy)
+        ud = ctx.unsqueeze_dim
+        rope_launch(
+            _as_bhsd(dy, ud), None, _as_bhsd(dx, ud), None, cos, sin,
+            backward=True, interleaved=ctx.interleaved, int64=needs_int64(dy, dx),
+        )
+        return dx, None, None, None, None
+
+
+def _rope_inplace(q, k, cos, sin, unsqueeze_dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from pronghorn.kernels.rope.triton import rope_launch
+
+    for x in (q, k):
+        if _out_dtype(x, cos, sin) != x.dtype:
+            raise ValueError(
+                f"apply_rope(inplace=True) needs cos/sin ({cos.dtype}, {sin.dtype}) no wider than q/k "
+                f"({q.dtype}, {k.dtype}): the result would be promoted and cannot be written back"
+            )
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return (
+            RoPEInplaceFunction.apply(q, cos, sin, unsqueeze_dim, interleaved),
+            RoPEInplaceFunction.apply(k, cos, sin, unsqueeze_dim, interleaved),
+        )
+    # Nothing records this (inference): one launch rotates both tensors where they lie.
+    qv, kv = _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim)
+    rope_launch(qv, kv, qv, kv, cos, sin, backward=False, interleaved=interleaved, int64=needs_int64(q, k))
+    return q, k
 
 
 def _kernel_can_take(q, k, cos, sin, unsqueeze_dim: int) -> bool:
@@ -155,9 +197,11 @@ def apply_rope(
             rotates only the first ``rotary_dim`` features (partial rotary).
         unsqueeze_dim: 1 or 2, the heads axis of q/k (as in transformers).
         interleaved: pair features ``(2j, 2j+1)`` instead of ``(j, j + rotary_dim/2)``.
-        inplace: write the result into ``q`` and ``k`` (autograd-safe via ``mark_dirty``).
-        inplace_backward: write the input gradients into the incoming gradient buffers where safe
-            by layout; see :class:`RoPEFunction` for when that is correct.
+        inplace: write the result into ``q`` and ``k``. Without autograd recording (inference) one
+            launch rotates both; under autograd each goes through :class:`RoPEInplaceFunction`
+            (``mark_dirty``), which is exact. Requires cos/sin no wider than q/k's dtype.
+        inplace_backward: (``inplace=False`` only) write the input gradients into the incoming
+            gradient buffers where safe by layout; see :class:`RoPEFunction` for when that is correct.
 
     Returns:
         ``(q_rotated, k_rotated)``; with ``inplace=True`` these are ``q`` and ``k`` themselves.
@@ -179,4 +223,6 @@ def apply_rope(
             k.copy_(k_rot)
             return q, k
         return q_rot, k_rot
-    return RoPEFunction.apply(q, k, cos, sin, ud, interleaved, inplace, inplace_backward)
+    if inplace:
+        return _rope_inplace(q, k, cos, sin, ud, interleaved)
+    return RoPEFunction.apply(q, k, cos, sin, ud, interleaved, inplace_backward)

@@ -92,16 +92,20 @@ def _rope_kernel(
 
 
 def rope_launch(
-    q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor | None, q_out: torch.Tensor, k_out: torch.Tensor | None,
     cos: torch.Tensor, sin: torch.Tensor, backward: bool, interleaved: bool, int64: bool,
 ) -> None:
     """Rotate ``[B, H, S, D]`` views ``q``/``k`` into ``q_out``/``k_out`` (which may be ``q``/``k``).
 
     ``cos``/``sin`` are ``[B or 1, S, rotary_dim]``. Features past ``rotary_dim`` are copied across
-    when the outputs are separate buffers and left alone when rotating in place.
+    when the outputs are separate buffers and left alone when rotating in place. With ``k=None``
+    only ``q`` is rotated (its key loop runs zero times).
     """
     batch, n_q_heads, seq_len, head_dim = q.shape
-    n_k_heads = k.shape[1]
+    if k is None:
+        k, k_out, n_k_heads = q, q_out, 0
+    else:
+        n_k_heads = k.shape[1]
     half_rot = cos.shape[-1] // 2
     n_pass = head_dim - 2 * half_rot
     copy_pass = n_pass > 0 and not (q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr())
