@@ -255,3 +255,56 @@ def test_gpu_chunk_past_int32_offsets():
     assert_close(loss, ref, torch.bfloat16)
     _assert_grads_close([gx[-8:], gw], [rx, rw], torch.bfloat16)
     assert torch.count_nonzero(gx[: n - 8]) == 0
+
+
+def _model_loss_vs_lm_head_loss(family, **extra):
+    from pronghorn.nn.lm_head_loss import lm_head_loss, lm_head_spec_from_config
+    from tests.factories import tiny_model
+
+    model = tiny_model(family).to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=gen).to(DEVICE)
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    want = model(input_ids=input_ids, labels=labels, **extra).loss
+    hidden = model.model(input_ids=input_ids).last_hidden_state
+    got = lm_head_loss(hidden, model.lm_head, labels, spec=lm_head_spec_from_config(model.config), **extra)
+    assert_close(got, want)
+    return model, hidden, labels
+
+
+def test_lm_head_loss_matches_llama_model_loss():
+    _model_loss_vs_lm_head_loss("llama")
+    _model_loss_vs_lm_head_loss("llama", num_items_in_batch=torch.tensor(17))
+
+
+def test_lm_head_loss_matches_gemma2_softcapped_model_loss():
+    from pronghorn.nn.lm_head_loss import lm_head_spec_from_config
+    from tests.factories import tiny_config
+
+    assert lm_head_spec_from_config(tiny_config("gemma2")).softcap == 30.0
+    _model_loss_vs_lm_head_loss("gemma2")
+
+
+def test_lm_head_spec_reads_cohere_and_granite_scales():
+    from transformers import CohereConfig, GraniteConfig
+
+    from pronghorn.nn.lm_head_loss import LMHeadLossSpec, lm_head_spec_from_config
+
+    assert lm_head_spec_from_config(CohereConfig(logit_scale=0.0625)) == LMHeadLossSpec(None, 0.0625)
+    assert lm_head_spec_from_config(GraniteConfig(logits_scaling=8.0)) == LMHeadLossSpec(None, 0.125)
+
+
+def test_lm_head_loss_falls_back_for_wrapped_heads():
+    from pronghorn.nn.lm_head_loss import LMHeadLossSpec, lm_head_loss
+
+    head = torch.nn.Linear(8, 131, bias=True).to(DEVICE)
+    hidden = torch.randn(2, 5, 8, device=DEVICE)
+    labels = torch.randint(0, 131, (2, 5), device=DEVICE)
+    spec = LMHeadLossSpec(softcap=5.0, logit_scale=0.7)
+    fused = lm_head_loss(hidden, head, labels, spec=spec)
+    assert "Fused" in type(fused.grad_fn).__name__
+    head.register_forward_hook(lambda m, i, o: None)  # a hooked head must run its own forward
+    unfused = lm_head_loss(hidden, head, labels, spec=spec)
+    assert "Fused" not in type(unfused.grad_fn).__name__
+    assert_close(fused, unfused)
