@@ -107,9 +107,11 @@ def markdown(records: list, peak: dict | None) -> str:
                   f"{ref.get('warmup_steps')} warm-up + {ref.get('timed_steps')} timed steps; AdamW; "
                   f"bf16 autocast: {ref.get('autocast_bf16')}",
                   ]
-        if peak or ref.get("peak_matmul_tflops"):
-            tf = peak["tflops"] if peak else ref["peak_matmul_tflops"]
-            lines.append(f"- measured bf16 matmul peak (8192^3, median of 10): {tf:.1f} TFLOP/s; MFU is against it")
+        if peak:
+            lines.append(f"- measured bf16 matmul peak ({peak['matmul_n']}³, median of {peak['repeats']}): "
+                         f"{peak['tflops']:.1f} TFLOP/s; MFU is against it")
+        elif ref.get("peak_matmul_tflops"):
+            lines.append(f"- measured bf16 matmul peak: {ref['peak_matmul_tflops']:.1f} TFLOP/s; MFU is against it")
         if ref.get("shape_notes"):
             lines.append(f"- note: {ref['shape_notes']}")
         lines += ["", "| config | mode | batch×seq | tokens/s | ms/step | peak GiB | MFU (6N) | MFU (LoRA 4N) "

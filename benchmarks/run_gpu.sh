@@ -20,11 +20,11 @@
 #                           written before the device tool's 600 s cut-off [570]
 #   --commit SHA            git commit to record (the device copy has no .git)
 #   --model-root DIR        where checkpoints live [/dev/shm/pronghorn-bench]
-#   --out DIR               results folder [$OUT, else benchmarks/out]
+#   --out DIR               results folder [$OUT, else /tmp/pronghorn-bench-out]
 set -uo pipefail
 
 SHAPE=""; MODES="bf16,qlora"; CONFIGS="hf_peft,unsloth,pronghorn,liger"; GCS="unsloth"
-TIMEOUT=150; BUDGET=570; COMMIT=""; MODEL_ROOT=/dev/shm/pronghorn-bench; OUTDIR="${OUT:-benchmarks/out}"
+TIMEOUT=150; BUDGET=570; COMMIT=""; MODEL_ROOT=/dev/shm/pronghorn-bench; OUTDIR="${OUT:-/tmp/pronghorn-bench-out}"
 EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in

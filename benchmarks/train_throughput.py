@@ -190,10 +190,11 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     warm_losses = [step(batches[i]) for i in range(warmup)]
     _sync(device)
     warm = {"warmup_s": time.perf_counter() - t0, "warmup_losses": [x.item() for x in warm_losses]}
+    if device_type == "cuda":
+        warm["warmup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     if on_warmed:
         on_warmed(warm)
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     timer, losses = Timer(device), []
     _sync(device)
     t0 = time.perf_counter()
