@@ -7,6 +7,7 @@ from pronghorn.memory.checkpointing import (
     normalize_checkpointing_mode,
 )
 from pronghorn.memory.offload import offloaded_checkpoint
+from pronghorn.memory.tiled_mlp import TiledMLPPatch, enable_tiled_mlp, tiled_mlp_forward
 
 __all__ = [
     "CheckpointingChange",
@@ -15,4 +16,7 @@ __all__ = [
     "enable_gradient_checkpointing",
     "normalize_checkpointing_mode",
     "offloaded_checkpoint",
+    "TiledMLPPatch",
+    "enable_tiled_mlp",
+    "tiled_mlp_forward",
 ]
