@@ -18,17 +18,23 @@ _U1, _A1, _U2, _A2 = "qzxuserone", "qzxassistantone", "qzxusertwo", "qzxassistan
 class ResponseParts:
     """Markers used by responses-only masking.
 
-    ``response_part`` opens an assistant turn; any of ``instruction_parts`` (user, system, tool openers)
-    ends it; ``end_part`` (when set) closes it and is itself trained on.
+    Any of ``response_parts`` opens an assistant turn (the first is the generation prompt); any of
+    ``instruction_parts`` (user, system, tool openers) ends it; ``end_part`` (when set) closes it and is
+    itself trained on.
     """
 
-    response_part: str
+    response_parts: tuple[str, ...]
     instruction_parts: tuple[str, ...]
     end_part: str | None
     origin: str
 
+    @property
+    def response_part(self) -> str:
+        return self.response_parts[0]
+
     def describe(self) -> str:
-        return (f"response_part={self.response_part!r}, instruction_part={self.instruction_parts[0]!r}"
+        shown = self.response_part if len(self.response_parts) == 1 else list(self.response_parts)
+        return (f"response_part={shown!r}, instruction_part={self.instruction_parts[0]!r}"
                 + (f", other parts {list(self.instruction_parts[1:])!r}" if len(self.instruction_parts) > 1 else "")
                 + f", end_part={self.end_part!r} ({self.origin})")
 
@@ -75,20 +81,22 @@ def probe_parts(tokenizer) -> ResponseParts:
         )
     if response not in text[u1:a1]:
         response = response.strip()
-    return ResponseParts(response, (instruction,), end, "probed from the tokenizer's chat template")
+    return ResponseParts((response,), (instruction,), end, "probed from the tokenizer's chat template")
 
 
 def resolve_parts(tokenizer, instruction_part=None, response_part=None, end_part=None) -> ResponseParts:
     """Markers to use: explicit arguments first, then the registry entry of the tokenizer's template, then a probe.
 
-    ``instruction_part`` may be a string or a list of strings (every opener of a non-assistant turn).
+    ``instruction_part`` may be a string or a list of strings (every opener of a non-assistant turn);
+    ``response_part`` too (every text after which the assistant speaks).
     ``end_part=None`` takes the end-of-turn text from the template when one is known; ``end_part=False``
     disables it (a response then runs until the next instruction part).
     """
     entry = template_entry_for(tokenizer)
     detected: ResponseParts | None = None
     if entry is not None:
-        detected = ResponseParts(entry.response_part, (entry.instruction_part, *entry.other_parts),
+        detected = ResponseParts((entry.response_part, *entry.other_response_parts),
+                                 (entry.instruction_part, *entry.other_parts),
                                  entry.end_part_for(tokenizer.eos_token), f"registered template {entry.name!r}")
     elif (instruction_part is None or response_part is None or end_part is None) and \
             getattr(tokenizer, "chat_template", None):
@@ -104,13 +112,14 @@ def resolve_parts(tokenizer, instruction_part=None, response_part=None, end_part
             probe_parts(tokenizer)  # raises the explanatory error
         parts, origin = detected, detected.origin
     else:
-        if isinstance(instruction_part, str):
-            instruction_part = [instruction_part]
-        instruction_part = tuple(instruction_part)
-        if not response_part or not all(isinstance(p, str) and p for p in instruction_part):
-            raise ValueError("instruction_part and response_part must be non-empty strings")
-        if response_part in instruction_part:
-            raise ValueError(f"response_part {response_part!r} is also an instruction part")
+        instruction_part = (instruction_part,) if isinstance(instruction_part, str) else tuple(instruction_part)
+        response_part = (response_part,) if isinstance(response_part, str) else tuple(response_part)
+        if not response_part or not instruction_part or not all(
+                isinstance(p, str) and p for p in (*instruction_part, *response_part)):
+            raise ValueError("instruction_part and response_part must be non-empty strings (or lists of them)")
+        both = set(response_part) & set(instruction_part)
+        if both:
+            raise ValueError(f"response_part {sorted(both)!r} is also an instruction part")
         parts = ResponseParts(response_part, instruction_part, detected.end_part if detected else None, "given")
         origin = "given" + (f"; end_part from {detected.origin}" if detected and end_part is None else "")
     if end_part is False:
@@ -121,4 +130,4 @@ def resolve_parts(tokenizer, instruction_part=None, response_part=None, end_part
         final_end = end_part
     else:
         raise ValueError(f"end_part must be a non-empty string, None (auto) or False (none), got {end_part!r}")
-    return ResponseParts(parts.response_part, parts.instruction_parts, final_end, origin)
+    return ResponseParts(parts.response_parts, parts.instruction_parts, final_end, origin)

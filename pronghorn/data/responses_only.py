@@ -34,9 +34,10 @@ def _byte_regions(data: bytes, parts: ResponseParts, infer_start: bool) -> list[
     """Byte ranges ``[a, b)`` that belong to assistant responses."""
     # (position, priority, kind, marker end); at equal positions an opener wins over a closer.
     events = []
-    response = parts.response_part.encode("utf-8")
-    for pos in _occurrences(data, response):
-        events.append((pos, 1, "R", pos + len(response)))
+    for part in parts.response_parts:
+        response = part.encode("utf-8")
+        for pos in _occurrences(data, response):
+            events.append((pos, 1, "R", pos + len(response)))
     for part in parts.instruction_parts:
         for pos in _occurrences(data, part.encode("utf-8")):
             events.append((pos, 1, "S", pos))

@@ -80,7 +80,8 @@ def _ollama(inst_open: str, inst_close: str, lead: str) -> str:
 
 
 _MISTRAL_PARTS = dict(eos_token="</s>", end_part="</s>", stop_tokens=("</s>", "[INST]"),
-                      instruction_part="[INST]", response_part="[/INST]")
+                      instruction_part="[INST]", response_part="[/INST]",
+                      other_parts=("[AVAILABLE_TOOLS]", "[TOOL_RESULTS]"), other_response_parts=("[/TOOL_RESULTS]",))
 
 SPECS = (
     dict(name="mistral-v1", jinja=MISTRAL_V1, ollama_template=_ollama("[INST] ", " [/INST]", ""),

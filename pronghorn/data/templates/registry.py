@@ -30,6 +30,7 @@ class ChatTemplate:
         instruction_part: text that opens a user turn.
         other_parts: texts that open other non-assistant turns (system, tool results); they end a response
             region and never carry loss.
+        other_response_parts: further texts after which the assistant speaks (Mistral's ``[/TOOL_RESULTS]``).
         end_part: text that closes an assistant turn and carries loss (usually the stop token); ``None``
             when the template uses the tokenizer's EOS (resolved at use time).
         ollama_template: Ollama Modelfile ``TEMPLATE`` (Go template syntax).
@@ -48,6 +49,7 @@ class ChatTemplate:
     response_part: str
     instruction_part: str
     other_parts: tuple[str, ...] = ()
+    other_response_parts: tuple[str, ...] = ()
     end_part: str | None = None
     ollama_template: str = ""
     ollama_params: Mapping[str, object] = field(default_factory=dict)
@@ -68,6 +70,7 @@ def _entry(spec: dict) -> ChatTemplate:
     spec = dict(spec)
     spec["stop_tokens"] = tuple(spec["stop_tokens"])
     spec["other_parts"] = tuple(spec.get("other_parts", ()))
+    spec["other_response_parts"] = tuple(spec.get("other_response_parts", ()))
     spec["aliases"] = tuple(spec.get("aliases", ()))
     spec["ollama_params"] = MappingProxyType(dict(spec.get("ollama_params", {})))
     return ChatTemplate(**spec)
