@@ -1,0 +1,284 @@
+"""Fused LoRA paths against PEFT's own forward/backward on real PEFT-wrapped tiny models.
+
+Every comparison checks the outputs and the gradients of the input and of every trainable LoRA weight.
+"""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from pronghorn.kernels.lora import LoraParts, lora_linear, lora_mlp, lora_qkv
+from pronghorn.kernels.lora.reference import lora_linear_reference, lora_mlp_reference, lora_qkv_reference
+from pronghorn.nn.lora import (
+    activation_of, fused_linear_forward, fused_mlp_forward, fused_o_forward, fused_qkv_forward, lora_parts,
+)
+from tests.factories import tiny_model
+from tests.tolerances import TOLERANCES, assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+
+
+def _peft(model, r=8, dropout=0.0, targets=None, **kw):
+    targets = targets or [n for n in ALL_PROJ if any(m.endswith(n) for m, _ in model.named_modules())]
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets,
+                     init_lora_weights=False, **kw)
+    return get_peft_model(model, cfg)
+
+
+def _run(fn, x, module, seed=0):
+    """Outputs, x.grad and {name: grad} of trainable params of ``module`` for a fixed random projection loss."""
+    x = x.detach().clone().requires_grad_(True)
+    for p in module.parameters():
+        p.grad = None
+    outs = fn(x)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    loss.backward()
+    # params the computation does not touch (o_proj while testing q/k/v) have no grad in either path
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+    assert grads
+    return [o.detach() for o in outs], x.grad, grads
+
+
+def _compare(fused, ref, dtype, scale=1.0):
+    (o1, gx1, g1), (o2, gx2, g2) = fused, ref
+    for a, b in zip(o1, o2):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_close(a, b, dtype, scale, msg="output")
+    assert gx1.dtype == gx2.dtype
+    assert_close(gx1, gx2, dtype, scale, msg="x grad")
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        # LoRA weight grads sum over every token: compare relative to their size
+        ref_scale = max(1.0, g2[name].float().abs().max().item())
+        assert_close(g1[name].float() / ref_scale, g2[name].float() / ref_scale, dtype, scale, msg=name)
+
+
+def _layer(family, dtype, **peft_kw):
+    model = tiny_model(family, dtype=dtype)
+    return _peft(model, **peft_kw).base_model.model.model.layers[0]
+
+
+def _x(shape, dtype, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama_mlp_matches_peft(dtype):
+    layer = _layer("llama", dtype)
+    mlp = layer.mlp
+    assert activation_of(mlp) == "swiglu"
+    assert all(lora_parts(m) is not None and lora_parts(m).A is not None
+               for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    x = _x((2, 7, 64), dtype)
+    fused = _run(lambda t: fused_mlp_forward(mlp, t, "swiglu", fallback=lambda _: pytest.fail("fell back")), x, mlp)
+    _compare(fused, _run(mlp, x, mlp), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama_attention_projections_match_peft(dtype):
+    attn = _layer("llama", dtype).self_attn
+    x = _x((3, 5, 64), dtype)
+    fused = _run(lambda t: fused_qkv_forward(attn, t), x, attn)
+    ref = _run(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, attn)
+    _compare(fused, ref, dtype)
+    xo = _x((3, 5, 64), dtype, seed=2)
+    fused_o = _run(lambda t: fused_o_forward(attn, t), xo, attn.o_proj)
+    _compare(fused_o, _run(attn.o_proj, xo, attn.o_proj), dtype)
+
+
+def test_gemma_mlp_geglu_tanh():
+    mlp = _layer("gemma", torch.float32).mlp
+    assert activation_of(mlp) == "geglu_tanh"
+    x = _x((2, 6, 64), torch.float32)
+    _compare(_run(lambda t: fused_mlp_forward(mlp, t, "geglu_tanh"), x, mlp), _run(mlp, x, mlp), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phi3_fused_gate_up_and_qkv(dtype):
+    layer = _layer("phi3", dtype)
+    mlp, attn = layer.mlp, layer.self_attn
+    x = _x((2, 5, 64), dtype)
+    _compare(_run(lambda t: fused_mlp_forward(mlp, t, "swiglu", fallback=lambda _: pytest.fail("fell back")), x, mlp),
+             _run(mlp, x, mlp), dtype)
+    q = attn.config.num_attention_heads * attn.head_dim
+    kv = attn.config.num_key_value_heads * attn.head_dim
+
+    def ref(t):
+        y = attn.qkv_proj(t)
+        return y[..., :q], y[..., q:q + kv], y[..., q + kv:]
+
+    _compare(_run(lambda t: fused_qkv_forward(attn, t), x, attn.qkv_proj), _run(ref, x, attn.qkv_proj),
+             dtype)
+
+
+def test_qwen2_qkv_with_frozen_bias():
+    attn = _layer("qwen2", torch.float32).self_attn
+    assert attn.q_proj.base_layer.bias is not None
+    assert lora_parts(attn.q_proj).bias is attn.q_proj.base_layer.bias
+    x = _x((2, 4, 64), torch.float32)
+    fused = _run(lambda t: fused_qkv_forward(attn, t), x, attn)
+    _compare(fused, _run(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, attn), torch.float32)
+
+
+class _MLP(nn.Module):
+    """A Llama-shaped MLP with arbitrary sizes (the factories' configs tie sizes to head counts)."""
+
+    def __init__(self, hidden, inter, bias=False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_odd_shapes_rank_one_noncontiguous_input(dtype):
+    torch.manual_seed(0)
+    wrapper = nn.Module()
+    wrapper.mlp = _MLP(65, 33).to(dtype)
+    mlp = _peft(wrapper, r=1, targets=["gate_proj", "up_proj", "down_proj"]).base_model.model.mlp
+    x = _x((5, 3, 65), dtype).transpose(0, 1)  # [3, 5, 65], not contiguous
+    assert not x.is_contiguous()
+    _compare(_run(lambda t: fused_mlp_forward(mlp, t, "swiglu"), x, mlp), _run(mlp, x, mlp), dtype)
+    lin = mlp.gate_proj
+    _compare(_run(lambda t: fused_linear_forward(lin, t), x, lin), _run(lin, x, lin), dtype)
+
+
+def test_mixed_lora_and_plain_projections():
+    """Only some projections carry adapters: the others run as plain frozen linears inside the fused path."""
+    torch.manual_seed(0)
+    wrapper = nn.Module()
+    wrapper.mlp = _MLP(32, 48)
+    mlp = _peft(wrapper, targets=["up_proj"]).base_model.model.mlp
+    assert lora_parts(mlp.gate_proj).A is None and lora_parts(mlp.up_proj).A is not None
+    x = _x((4, 32), torch.float32)
+    _compare(_run(lambda t: fused_mlp_forward(mlp, t, "swiglu"), x, mlp), _run(mlp, x, mlp), torch.float32)
+
+
+def test_dropout_falls_back_and_matches_peft():
+    layer = _layer("llama", torch.float32, dropout=0.1)
+    layer.train()
+    mlp, attn = layer.mlp, layer.self_attn
+    assert lora_parts(mlp.gate_proj) is None and lora_parts(attn.q_proj) is None
+    x = _x((2, 5, 64), torch.float32)
+    torch.manual_seed(123)
+    fused = _run(lambda t: fused_mlp_forward(mlp, t, "swiglu"), x, mlp)
+    torch.manual_seed(123)
+    ref = _run(mlp, x, mlp)
+    _compare(fused, ref, torch.float32, scale=0.0)  # the very same computation: exact
+    torch.manual_seed(7)
+    fq = _run(lambda t: fused_qkv_forward(attn, t), x, attn)
+    torch.manual_seed(7)
+    rq = _run(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, attn)
+    _compare(fq, rq, torch.float32, scale=0.0)
+
+
+def test_lora_parts_declines_what_it_cannot_fuse():
+    model = tiny_model("llama")
+    peft_model = _peft(model)
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_parts(q) is not None
+    with peft_model.disable_adapter():
+        assert lora_parts(q) is None
+    q.merge()
+    assert lora_parts(q) is None
+    q.unmerge()
+    peft_model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    q.set_adapter(["default", "second"])
+    assert lora_parts(q) is None
+    dora = _peft(tiny_model("llama"), use_dora=True).base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_parts(dora) is None
+    lbias = _peft(tiny_model("llama"), lora_bias=True).base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_parts(lbias) is None
+    assert lora_parts(nn.Conv1d(2, 2, 1)) is None
+    trainable = nn.Linear(4, 4)
+    assert lora_parts(trainable) is None  # weight requires grad: not a frozen base
+    trainable.requires_grad_(False)
+    assert lora_parts(trainable).A is None
+
+
+def test_fallback_defaults_to_class_forward_when_bound_on_instance():
+    """The wiring may bind fused_mlp_forward as the instance's forward; the fallback must not recurse."""
+    import types
+
+    layer = _layer("llama", torch.float32, dropout=0.1)
+    mlp = layer.mlp
+    mlp.eval()  # dropout off in eval, but lora_parts still declines (dropout module is not Identity)
+    expected = mlp(_x((2, 3, 64), torch.float32))
+    mlp.forward = types.MethodType(lambda self, t: fused_mlp_forward(self, t, "swiglu"), mlp)
+    torch.testing.assert_close(mlp(_x((2, 3, 64), torch.float32)), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh", "geglu_exact"])
+@pytest.mark.parametrize("fused_gate_up", [False, True])
+def test_kernels_match_reference(activation, fused_gate_up):
+    g = torch.Generator().manual_seed(0)
+
+    def parts(out, inp, r):
+        return LoraParts(torch.randn(out, inp, generator=g) * 0.2, (torch.randn(r, inp, generator=g) * 0.2).requires_grad_(),
+                         (torch.randn(out, r, generator=g) * 0.2).requires_grad_(), 0.5)
+
+    x = torch.randn(2, 3, 24, generator=g)
+    gate = parts(80 if fused_gate_up else 40, 24, 4)
+    up = None if fused_gate_up else parts(40, 24, 3)
+    down = parts(24, 40, 5)
+    ps = [p for p in (gate, up, down) if p is not None]
+    holder = nn.Module()
+    holder.params = nn.ParameterList([nn.Parameter(t, requires_grad=True) for p in ps for t in (p.A, p.B)])
+    ps = [p._replace(A=holder.params[2 * i], B=holder.params[2 * i + 1]) for i, p in enumerate(ps)]
+    gate, up, down = (ps[0], None, ps[1]) if fused_gate_up else ps
+    kw = dict(fused_gate_up=fused_gate_up)
+    _compare(_run(lambda t: lora_mlp(t, gate, up, down, activation, **kw), x, holder),
+             _run(lambda t: lora_mlp_reference(t, gate, up, down, activation, **kw), x, holder), torch.float32)
+
+
+def test_qkv_matches_reference_with_different_ranks():
+    g = torch.Generator().manual_seed(0)
+    holder = nn.Module()
+    holder.params = nn.ParameterList([nn.Parameter(torch.randn(shape, generator=g) * 0.3)
+                                      for shape in ((4, 24), (32, 4), (1, 24), (16, 1), (3, 24), (16, 3))])
+    P = holder.params
+    q = LoraParts(torch.randn(32, 24, generator=g), P[0], P[1], 2.0)
+    k = LoraParts(torch.randn(16, 24, generator=g), P[2], P[3], 0.5)
+    v = LoraParts(torch.randn(16, 24, generator=g), P[4], P[5], 1.0, torch.randn(16, generator=g))
+    x = torch.randn(2, 3, 24, generator=g)
+    _compare(_run(lambda t: lora_qkv(t, q, k, v), x, holder), _run(lambda t: lora_qkv_reference(t, q, k, v), x, holder),
+             torch.float32)
+
+
+def test_gradients_only_where_needed_and_single_backward():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 8, generator=g)
+    A = torch.randn(2, 8, generator=g, requires_grad=True)
+    B = torch.randn(6, 2, generator=g)  # frozen B
+    x = torch.randn(3, 8, generator=g)  # no grad for x
+    lora_linear(x, W, A, B, 2.0).sum().backward()
+    expected = torch.autograd.grad(lora_linear_reference(x, W, A, B, 2.0).sum(), A)[0]
+    torch.testing.assert_close(A.grad, expected)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, W.clone().requires_grad_(), A, B)
+    parts = LoraParts(torch.randn(8, 8, generator=g), None, None, 1.0)
+    y = lora_mlp(x.requires_grad_(), parts, parts, parts)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        y.sum().backward()
+
+
+def test_autocast_computes_in_autocast_dtype():
+    g = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(16, 32, generator=g), torch.randn(4, 32, generator=g).requires_grad_(),
+               torch.randn(16, 4, generator=g).requires_grad_())
+    x = torch.randn(5, 32, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, W, A, B, 0.5)
+        y_ref = lora_linear_reference(x, W, A, B, 0.5)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, y_ref, torch.bfloat16)
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
