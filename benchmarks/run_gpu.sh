@@ -55,7 +55,7 @@ else
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 RES="$OUTDIR/$SHAPE"; LOGS="$RES/logs"; mkdir -p "$LOGS"
 MODEL_DIR="$MODEL_ROOT/$SHAPE"
 if [ -z "$COMMIT" ]; then COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown); fi
