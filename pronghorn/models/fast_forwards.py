@@ -25,22 +25,16 @@ def rms_norm_forward(self, hidden_states, *, spec: FamilySpec):
 # ------------------------------------------------------------------------------------------ attention
 
 
-def _qkv(self, hidden_states, spec: FamilySpec):
-    from pronghorn.nn.lora import fused_qkv
-
-    return fused_qkv(self, hidden_states, fused=spec.fused_qkv)
-
-
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                       *, spec: FamilySpec, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from pronghorn.kernels.rope import apply_rope
-    from pronghorn.nn.lora import fused_o
+    from pronghorn.nn.lora import fused_o_forward, fused_qkv_forward
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = _qkv(self, hidden_states, spec)
+    query, key, value = fused_qkv_forward(self, hidden_states)
     query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
     if spec.qk_norm:
         query, key = self.q_norm(query), self.k_norm(key)
@@ -65,16 +59,21 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         scaling=self.scaling, **extra, **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return fused_o(self, attn_output), attn_weights
+    return fused_o_forward(self, attn_output), attn_weights
 
 
 # ------------------------------------------------------------------------------------------------ MLP
 
 
 def mlp_forward(self, hidden_states, *, spec: FamilySpec):
-    from pronghorn.nn.lora import fused_mlp
+    """Whole-MLP fused LoRA path when every projection qualifies; else the fused activation kernel."""
+    from pronghorn.nn.activations import mlp_forward as activation_mlp
+    from pronghorn.nn.lora import fused_mlp_forward
 
-    return fused_mlp(self, hidden_states, activation=spec.activation, fused_gate_up=spec.fused_gate_up)
+    def unfused(x):
+        return activation_mlp(self, x, activation=spec.activation, fused_gate_up=spec.fused_gate_up)
+
+    return fused_mlp_forward(self, hidden_states, spec.activation, fallback=unfused)
 
 
 # ---------------------------------------------------------------------------------------- LM head loss

@@ -41,7 +41,7 @@ def resolve_source(model_name: str | os.PathLike | None, token=None, revision=No
         return ModelSource(str(path))
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file; pass the checkpoint's directory instead")
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.strip("/")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_like_path:
         raise ModelNotFoundError(f"Model path {name!r} does not exist on this machine")
     return _resolve_hub(name, token, revision)
@@ -49,13 +49,13 @@ def resolve_source(model_name: str | os.PathLike | None, token=None, revision=No
 
 def _resolve_hub(name: str, token, revision) -> ModelSource:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
         hf_hub_download(name, "config.json", token=token, revision=revision)
         return ModelSource(name)
-    except EntryNotFoundError:
-        pass
+    except RemoteEntryNotFoundError:
+        pass  # the repository exists but has no config.json: it may be an adapter
     except Exception as error:  # noqa: BLE001 - many hub/network error types; re-raised with context
         raise ModelNotFoundError(
             f"Could not find model {name!r}: it is not a local directory, and the Hugging Face Hub lookup "

@@ -40,6 +40,11 @@ class SFTConfig(trl.SFTConfig):
         if self.max_seq_length is not None:
             self.max_length = self.max_seq_length
         self.max_seq_length = self.max_length
+        if self.bf16 is None and not self.fp16:
+            # TRL defaults to bf16 everywhere; that fails on CPUs and pre-Ampere GPUs, so ask the hardware.
+            from pronghorn.models.dtypes import is_bfloat16_supported
+
+            self.bf16 = is_bfloat16_supported()
         super().__post_init__()
 
 
