@@ -36,7 +36,7 @@ def cross_entropy_from_logits_reference(
     :mod:`pronghorn.training.loss` (``"sum"``: summed over label tokens)."""
     check_reduction(reduction)
     z = transform_logits(logits, softcap, logit_scale)
-    labels = labels.to(z.device)
+    labels = labels.to(device=z.device, dtype=torch.long)
     loss_sum = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
     if reduction == "sum":
         return loss_sum
