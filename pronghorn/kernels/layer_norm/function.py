@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pronghorn.kernels.backend import needs_int64, use_triton
+from pronghorn.kernels.backend import use_triton
 from pronghorn.kernels.layer_norm.reference import layer_norm_reference
 
 
@@ -29,10 +29,10 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, in_place_backward):
         from pronghorn.kernels.layer_norm.triton import layer_norm_fwd
-        from pronghorn.kernels.rms_norm.triton import rows_view
+        from pronghorn.kernels.rms_norm.triton import offsets_need_int64, rows_view
 
         x2d = rows_view(x)
-        int64 = needs_int64(x)
+        int64 = offsets_need_int64(x2d)
         y2d, mean, rstd = layer_norm_fwd(x2d, weight, bias, eps, int64)
         ctx.save_for_backward(x2d, weight, mean, rstd)
         ctx.has_bias = bias is not None
@@ -44,7 +44,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         from pronghorn.kernels.layer_norm.triton import layer_norm_bwd
-        from pronghorn.kernels.rms_norm.triton import can_write_rows_into, rows_view
+        from pronghorn.kernels.rms_norm.triton import can_write_rows_into, offsets_need_int64, rows_view
 
         x2d, weight, mean, rstd = ctx.saved_tensors
         dy2d = rows_view(dy)
@@ -54,9 +54,8 @@ class LayerNormFunction(torch.autograd.Function):
             dx2d = torch.empty(x2d.shape, dtype=ctx.x_dtype, device=x2d.device)
         compute_dw = weight is not None and ctx.needs_input_grad[1]
         compute_db = ctx.has_bias and ctx.needs_input_grad[2]
-        dw, db = layer_norm_bwd(
-            dy2d, x2d, weight, mean, rstd, compute_dw, compute_db, dx2d, ctx.int64 or needs_int64(dy)
-        )
+        int64 = ctx.int64 or offsets_need_int64(dy2d, dx2d)
+        dw, db = layer_norm_bwd(dy2d, x2d, weight, mean, rstd, compute_dw, compute_db, dx2d, int64)
         dx = dx2d.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(ctx.bias_dtype) if db is not None else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pronghorn.kernels.backend import needs_int64, use_triton
+from pronghorn.kernels.backend import use_triton
 from pronghorn.kernels.rms_norm.reference import check_cast_mode, rms_norm_output_dtype, rms_norm_reference
 
 
@@ -35,11 +35,11 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, cast_mode, in_place_backward):
-        from pronghorn.kernels.rms_norm.triton import rms_norm_fwd, rows_view
+        from pronghorn.kernels.rms_norm.triton import offsets_need_int64, rms_norm_fwd, rows_view
 
         x2d = rows_view(x)
         cast_llama = cast_mode == "llama"
-        int64 = needs_int64(x)
+        int64 = offsets_need_int64(x2d)
         y2d, rstd = rms_norm_fwd(
             x2d, weight, eps, offset, cast_llama, rms_norm_output_dtype(x, weight, cast_mode), int64
         )
@@ -51,7 +51,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from pronghorn.kernels.rms_norm.triton import can_write_rows_into, rms_norm_bwd, rows_view
+        from pronghorn.kernels.rms_norm.triton import (
+            can_write_rows_into, offsets_need_int64, rms_norm_bwd, rows_view,
+        )
 
         x2d, weight, rstd = ctx.saved_tensors
         dy2d = rows_view(dy)
@@ -60,9 +62,8 @@ class RMSNormFunction(torch.autograd.Function):
         else:
             dx2d = torch.empty(x2d.shape, dtype=ctx.x_dtype, device=x2d.device)
         compute_dw = ctx.needs_input_grad[1]
-        dw = rms_norm_bwd(
-            dy2d, x2d, weight, rstd, ctx.offset, ctx.cast_llama, compute_dw, dx2d, ctx.int64 or needs_int64(dy)
-        )
+        int64 = ctx.int64 or offsets_need_int64(dy2d, dx2d)
+        dw = rms_norm_bwd(dy2d, x2d, weight, rstd, ctx.offset, ctx.cast_llama, compute_dw, dx2d, int64)
         dx = dx2d.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return dx, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None
 
