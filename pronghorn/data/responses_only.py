@@ -30,7 +30,7 @@ def _occurrences(data: bytes, needle: bytes) -> list[int]:
     return found
 
 
-def _byte_regions(data: bytes, parts: ResponseParts, infer_start: bool) -> list[tuple[int, int]]:
+def _byte_regions(data: bytes, parts: ResponseParts) -> list[tuple[int, int]]:
     """Byte ranges ``[a, b)`` that belong to assistant responses."""
     # (position, priority, kind, marker end); at equal positions an opener wins over a closer.
     events = []
@@ -46,9 +46,9 @@ def _byte_regions(data: bytes, parts: ResponseParts, infer_start: bool) -> list[
         for pos in _occurrences(data, end):
             events.append((pos, 0, "E", pos + len(end)))
     events.sort()
+    # A chunk that begins mid-turn (bfd_split/wrapped packing) starts outside: the end-of-turn marker closes
+    # user and system turns too, so whether the leading partial turn was the assistant's cannot be told.
     regions, start = [], None
-    if infer_start and events and events[0][2] == "E":
-        start = 0  # a packed chunk that begins inside an assistant turn
     covered = -1  # end of the last response marker: markers nested in it are part of it
     for pos, _prio, kind, mark_end in events:
         if pos < covered:
@@ -65,10 +65,10 @@ def _byte_regions(data: bytes, parts: ResponseParts, infer_start: bool) -> list[
     return [(a, b) for a, b in regions if b > a]
 
 
-def _segment_mask(tb: TokenBytes, ids, parts: ResponseParts, infer_start: bool) -> np.ndarray:
+def _segment_mask(tb: TokenBytes, ids, parts: ResponseParts) -> np.ndarray:
     data, starts, ends = tb.spans(ids)
     mask = np.zeros(len(starts), dtype=bool)
-    for a, b in _byte_regions(data, parts, infer_start):
+    for a, b in _byte_regions(data, parts):
         # Every token overlapping the region: a token straddling the marker's end carries response text.
         first = int(np.searchsorted(ends, a, side="right"))
         last = int(np.searchsorted(starts, b, side="left"))
@@ -77,7 +77,7 @@ def _segment_mask(tb: TokenBytes, ids, parts: ResponseParts, infer_start: bool) 
 
 
 def response_mask(input_ids, tokenizer, instruction_part=None, response_part=None, end_part=None,
-                  seq_lengths=None, infer_start: bool = False) -> list[int]:
+                  seq_lengths=None) -> list[int]:
     """1 for tokens of ``input_ids`` that belong to assistant responses, else 0.
 
     Args:
@@ -85,12 +85,12 @@ def response_mask(input_ids, tokenizer, instruction_part=None, response_part=Non
         tokenizer: the tokenizer that produced the ids.
         instruction_part / response_part: marker texts; derived from the tokenizer's chat template when omitted.
         end_part: end-of-turn text (trained on); ``None`` = from the template, ``False`` = none.
-        seq_lengths: lengths of the examples packed into this row; each is masked on its own.
-        infer_start: treat a segment whose first marker is an end-of-turn as starting inside a response
-            (chunks cut out of the middle of a conversation by ``bfd_split``/``wrapped`` packing).
+        seq_lengths: lengths of the examples packed into this row; each is masked on its own. A segment cut
+            out of the middle of a conversation (``bfd_split``/``wrapped`` packing) trains from its first
+            response marker on; its leading partial turn carries no loss.
     """
     parts = resolve_parts(tokenizer, instruction_part, response_part, end_part)
-    return _mask_ids(token_bytes(tokenizer), list(input_ids), parts, seq_lengths, infer_start).astype(int).tolist()
+    return _mask_ids(token_bytes(tokenizer), list(input_ids), parts, seq_lengths).astype(int).tolist()
 
 
 def response_labels(input_ids, tokenizer, instruction_part=None, response_part=None, end_part=None) -> list[int]:
@@ -99,24 +99,24 @@ def response_labels(input_ids, tokenizer, instruction_part=None, response_part=N
     return [int(t) if m else IGNORE_INDEX for t, m in zip(input_ids, mask)]
 
 
-def _mask_ids(tb: TokenBytes, ids: list, parts: ResponseParts, seq_lengths, infer_start: bool) -> np.ndarray:
+def _mask_ids(tb: TokenBytes, ids: list, parts: ResponseParts, seq_lengths) -> np.ndarray:
     if not seq_lengths:
-        return _segment_mask(tb, ids, parts, infer_start)
+        return _segment_mask(tb, ids, parts)
     if sum(seq_lengths) != len(ids):
         raise ValueError(f"seq_lengths {list(seq_lengths)} do not add up to the row length {len(ids)}")
     out, offset = [], 0
     for length in seq_lengths:
-        out.append(_segment_mask(tb, ids[offset:offset + length], parts, infer_start))
+        out.append(_segment_mask(tb, ids[offset:offset + length], parts))
         offset += length
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
-def _labels_batch(batch, tb: TokenBytes, parts: ResponseParts, infer_start: bool):
+def _labels_batch(batch, tb: TokenBytes, parts: ResponseParts):
     new_labels = []
     lengths = batch.get("seq_lengths")
     old = batch.get("labels")
     for row, ids in enumerate(batch["input_ids"]):
-        mask = _mask_ids(tb, list(ids), parts, lengths[row] if lengths is not None else None, infer_start)
+        mask = _mask_ids(tb, list(ids), parts, lengths[row] if lengths is not None else None)
         ids_arr = np.asarray(ids, dtype=np.int64)
         if old is not None:  # keep tokens the trainer already excluded (e.g. a completion mask)
             mask &= np.asarray(old[row], dtype=np.int64) != IGNORE_INDEX
@@ -132,7 +132,7 @@ def _tokenizer_of(trainer):
     return tok
 
 
-def _mask_dataset(dataset, name: str, tb: TokenBytes, parts: ResponseParts, infer_start: bool, num_proc):
+def _mask_dataset(dataset, name: str, tb: TokenBytes, parts: ResponseParts, num_proc):
     columns = getattr(dataset, "column_names", None)
     if columns is None or "input_ids" not in columns:
         raise ValueError(
@@ -142,7 +142,7 @@ def _mask_dataset(dataset, name: str, tb: TokenBytes, parts: ResponseParts, infe
     kwargs = {} if not hasattr(dataset, "_fingerprint") else {"desc": f"Masking non-response tokens ({name})"}
     if num_proc and hasattr(dataset, "_fingerprint"):
         kwargs["num_proc"] = num_proc
-    masked = dataset.map(_labels_batch, batched=True, fn_kwargs=dict(tb=tb, parts=parts, infer_start=infer_start),
+    masked = dataset.map(_labels_batch, batched=True, fn_kwargs=dict(tb=tb, parts=parts),
                          **kwargs)
     if not hasattr(masked, "__len__"):
         return masked  # an IterableDataset: nothing to count up front
@@ -173,7 +173,14 @@ def _check_collator(trainer, dataset) -> None:
         return
     examples = [dataset[i] for i in range(min(2, len(dataset)))]
     keep = {"input_ids", "labels", "seq_lengths", "attention_mask", "position_ids"}
-    batch = collator([{k: v for k, v in ex.items() if k in keep} for ex in examples])
+    try:
+        batch = collator([{k: v for k, v in ex.items() if k in keep} for ex in examples])
+    except (ValueError, TypeError, KeyError) as err:
+        raise RuntimeError(
+            f"the trainer's data collator ({type(collator).__name__}) cannot batch the masked 'labels' column "
+            f"({err}); use TRL's DataCollatorForLanguageModeling (SFTTrainer's default) or a collator that pads "
+            "and keeps 'labels'"
+        ) from err
     got = np.asarray(batch["labels"])
     wanted = [np.asarray(ex["labels"]) for ex in examples]
     if got.shape[0] == 1 and got.shape[1] >= sum(len(w) for w in wanted) and len(wanted) > 1:
@@ -208,17 +215,13 @@ def train_on_responses_only(trainer, instruction_part=None, response_part=None, 
     tokenizer = _tokenizer_of(trainer)
     parts = resolve_parts(tokenizer, instruction_part, response_part, end_part)
     tb = token_bytes(tokenizer)
-    args = getattr(trainer, "args", None)
-    infer_start = bool(getattr(args, "packing", False)) and getattr(args, "packing_strategy", "bfd") in (
-        "bfd_split", "wrapped")
     if getattr(trainer, "train_dataset", None) is not None:
-        trainer.train_dataset = _mask_dataset(trainer.train_dataset, "train_dataset", tb, parts, infer_start,
-                                              num_proc)
+        trainer.train_dataset = _mask_dataset(trainer.train_dataset, "train_dataset", tb, parts, num_proc)
         _check_collator(trainer, trainer.train_dataset)
     eval_ds = getattr(trainer, "eval_dataset", None)
     if isinstance(eval_ds, dict):
-        trainer.eval_dataset = {key: _mask_dataset(ds, f"eval_dataset[{key!r}]", tb, parts, infer_start, num_proc)
+        trainer.eval_dataset = {key: _mask_dataset(ds, f"eval_dataset[{key!r}]", tb, parts, num_proc)
                                 for key, ds in eval_ds.items()}
     elif eval_ds is not None:
-        trainer.eval_dataset = _mask_dataset(eval_ds, "eval_dataset", tb, parts, infer_start, num_proc)
+        trainer.eval_dataset = _mask_dataset(eval_ds, "eval_dataset", tb, parts, num_proc)
     return trainer
