@@ -1,6 +1,6 @@
 """Benchmark RMSNorm, LayerNorm and RoPE kernels against the PyTorch references (eager and compiled).
 
-Times forward and forward+backward of each implementation, reports achieved bandwidth computed from
+Times forward (with autograd recording, as in training) and forward+backward of each implementation, reports achieved bandwidth computed from
 the minimal bytes each op must move, prints a table and writes JSON (with date, device, versions).
 
     python benchmarks/kernels/bench_norm_rope.py --out results.json          # on a CUDA GPU, < 2 min
@@ -158,8 +158,8 @@ def main(argv=None) -> int:
                 rows.append(dict(op=case["op"], shape=case["shape"], dtype=args.dtype, impl=name,
                                  error=f"{type(exc).__name__}: {exc}"))
                 continue
-            with torch.no_grad():
-                fwd_ms = time_ms(lambda fn=fn: fn(*inputs))
+            # Forward as in training (autograd recording): also spares torch.compile a no_grad recompile.
+            fwd_ms = time_ms(lambda fn=fn: fn(*inputs))
             fb_ms = time_ms(_fwd_bwd(lambda fn=fn: fn(*inputs), inputs, grads))
             rows.append(dict(
                 op=case["op"], shape=case["shape"], dtype=args.dtype, impl=name,
