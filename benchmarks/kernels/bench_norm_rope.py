@@ -1,7 +1,7 @@
 """Benchmark RMSNorm, LayerNorm and RoPE kernels against the PyTorch references (eager and compiled).
 
-Times forward (with autograd recording, as in training) and forward+backward of each implementation, reports achieved bandwidth computed from
-the minimal bytes each op must move, prints a table and writes JSON (with date, device, versions).
+Times forward (with autograd recording, as in training) and forward+backward of each implementation,
+reports achieved bandwidth computed from the minimal bytes each op must move, prints a table and writes JSON (with date, device, versions).
 
     python benchmarks/kernels/bench_norm_rope.py --out results.json          # on a CUDA GPU, < 2 min
     python benchmarks/kernels/bench_norm_rope.py --smoke --out smoke.json    # CPU, tiny, interpreter
@@ -106,7 +106,9 @@ def _cases(device: str, dtype: torch.dtype, smoke: bool):
         yield dict(
             op="rope", shape=[batch, seq, hq, hk, d], inputs=(q_proj, k_proj), grads=(gq, gk),
             fwd_bytes=fwd_bytes, fb_bytes=fb_bytes,
-            kernel=lambda qp, kp, views=views, cos=cos, sin=sin: apply_rope(*views(qp, kp), cos, sin, inplace_backward=True),
+            kernel=lambda qp, kp, views=views, cos=cos, sin=sin: apply_rope(
+                *views(qp, kp), cos, sin, inplace_backward=True
+            ),
             reference=lambda qp, kp, views=views, cos=cos, sin=sin: rope_reference(*views(qp, kp), cos, sin),
         )
 

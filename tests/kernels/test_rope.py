@@ -228,7 +228,9 @@ def test_matches_transformers_cohere_interleaved():
     from transformers import CohereConfig
     from transformers.models.cohere import modeling_cohere
 
-    config = CohereConfig(hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HK, max_position_embeddings=64)
+    config = CohereConfig(
+        hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HK, max_position_embeddings=64
+    )
     cos, sin = _hf_cos_sin(config, modeling_cohere.CohereRotaryEmbedding, torch.bfloat16)
     torch.manual_seed(10)
     q, k = _qk(torch.bfloat16)
