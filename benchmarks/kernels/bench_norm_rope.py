@@ -1,7 +1,8 @@
 """Benchmark RMSNorm, LayerNorm and RoPE kernels against the PyTorch references (eager and compiled).
 
 Times forward (with autograd recording, as in training) and forward+backward of each implementation,
-reports achieved bandwidth computed from the minimal bytes each op must move, prints a table and writes JSON (with date, device, versions).
+reports achieved bandwidth computed from the minimal bytes each op must move, prints a table and
+writes JSON (with date, device, versions).
 
     python benchmarks/kernels/bench_norm_rope.py --out results.json          # on a CUDA GPU, < 2 min
     python benchmarks/kernels/bench_norm_rope.py --smoke --out smoke.json    # CPU, tiny, interpreter
