@@ -32,7 +32,9 @@ import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 from pronghorn.kernels.dequant import dequantize_nf4  # noqa: E402
 from pronghorn.kernels.dequant.reference import dequantize_nf4_reference  # noqa: E402
-from pronghorn.kernels.lora.reference import lora_linear_reference, lora_mlp_reference, lora_qkv_reference  # noqa: E402
+from pronghorn.kernels.lora.reference import (  # noqa: E402
+    lora_linear_reference, lora_mlp_reference, lora_qkv_reference,
+)
 from pronghorn.nn.lora import fused_mlp_forward, fused_o_forward, fused_qkv_forward, lora_parts  # noqa: E402
 
 FULL = dict(batch=2, seq=2048, hidden=4096, intermediate=14336, q=4096, kv=1024, r=32)
@@ -94,7 +96,8 @@ def build(mode: str, s: dict, device) -> tuple[nn.Module, nn.Module]:
     cfg = LoraConfig(r=s["r"], lora_alpha=s["r"], lora_dropout=0.0, init_lora_weights=False,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(root, cfg).base_model.model
-    assert all(lora_parts(m) is not None for m in (model.mlp.gate_proj, model.attn.q_proj)), "fused path would not apply"
+    if any(lora_parts(m) is None for m in (model.mlp.gate_proj, model.attn.q_proj)):
+        raise RuntimeError(f"lora_parts declined the {mode} PEFT layers: the benchmark would time the fallback")
     return model.mlp, model.attn
 
 
@@ -157,7 +160,8 @@ def bench_blocks(mode, s, device, args) -> list[dict]:
         "qkv": {
             "peft_eager": lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)),
             "pronghorn": lambda t: fused_qkv_forward(attn, t),
-            "reference": lambda t: lora_qkv_reference(t, _parts(attn.q_proj), _parts(attn.k_proj), _parts(attn.v_proj)),
+            "reference": lambda t: lora_qkv_reference(t, _parts(attn.q_proj), _parts(attn.k_proj),
+                                                      _parts(attn.v_proj)),
         },
         "o": {
             "peft_eager": lambda t: attn.o_proj(t),
@@ -233,7 +237,8 @@ def print_table(rows) -> None:
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if r["block"] == "dequant_nf4":
-            print(f"{'x'.join(map(str, r['shape'])):<16}{r['impl']:<14}{r['ms']:9.3f}{r['gbps']:9.0f}  {r['bit_exact_vs_bnb']}")
+            shape = "x".join(map(str, r["shape"]))
+            print(f"{shape:<16}{r['impl']:<14}{r['ms']:9.3f}{r['gbps']:9.0f}  {r['bit_exact_vs_bnb']}")
 
 
 def main(argv=None) -> int:

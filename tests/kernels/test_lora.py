@@ -13,7 +13,7 @@ from pronghorn.nn.lora import (
     activation_of, fused_linear_forward, fused_mlp_forward, fused_o_forward, fused_qkv_forward, lora_parts,
 )
 from tests.factories import tiny_model
-from tests.tolerances import TOLERANCES, assert_close
+from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
@@ -221,7 +221,8 @@ def test_kernels_match_reference(activation, fused_gate_up):
     g = torch.Generator().manual_seed(0)
 
     def parts(out, inp, r):
-        return LoraParts(torch.randn(out, inp, generator=g) * 0.2, (torch.randn(r, inp, generator=g) * 0.2).requires_grad_(),
+        return LoraParts(torch.randn(out, inp, generator=g) * 0.2,
+                         (torch.randn(r, inp, generator=g) * 0.2).requires_grad_(),
                          (torch.randn(out, r, generator=g) * 0.2).requires_grad_(), 0.5)
 
     x = torch.randn(2, 3, 24, generator=g)

@@ -52,7 +52,8 @@ def absmax_of(quant_state) -> torch.Tensor:
 def check_quant_state(packed: torch.Tensor, quant_state) -> int:
     """Validate ``quant_state`` against ``packed``; returns the number of weight elements."""
     if getattr(quant_state, "quant_type", None) != "nf4":
-        raise ValueError(f"dequantize_nf4 handles quant_type 'nf4' only, got {getattr(quant_state, 'quant_type', None)!r}; "
+        got = getattr(quant_state, "quant_type", None)
+        raise ValueError(f"dequantize_nf4 handles quant_type 'nf4' only, got {got!r}; "
                          "use bitsandbytes.functional.dequantize_4bit for fp4")
     blocksize = int(quant_state.blocksize)
     if blocksize <= 0 or blocksize & (blocksize - 1):

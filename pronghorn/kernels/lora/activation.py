@@ -55,7 +55,8 @@ def gated_forward(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Te
     return (F.gelu(g.float(), approximate=approximate) * u.float()).to(g.dtype)
 
 
-def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                    activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dg, dL/du)`` for ``h = act(g) * u``, written over ``g`` and ``u`` (which are returned).
 
     The caller must own ``g``/``u`` (no other autograd node saved them): they are destroyed.

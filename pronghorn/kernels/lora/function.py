@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 from .parts import LoraParts, as_parts
-from .projection import PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts
+from .projection import (
+    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts,
+)
 
 
 class LoraSharedInputFunction(torch.autograd.Function):

@@ -19,7 +19,9 @@ import torch
 
 from .activation import check_activation, gated_backward_, gated_forward
 from .parts import as_parts
-from .projection import PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts
+from .projection import (
+    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts,
+)
 
 
 class LoraMLPFunction(torch.autograd.Function):
@@ -97,7 +99,8 @@ def _split(outs, fused):
     return outs[0], outs[1]
 
 
-def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *, fused_gate_up: bool = False) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
+             fused_gate_up: bool = False) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` for a gated MLP whose projections may carry LoRA adapters.
 
     Args:

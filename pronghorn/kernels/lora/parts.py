@@ -33,7 +33,8 @@ def as_parts(p) -> LoraParts:
     elif isinstance(p, (tuple, list)) and 1 <= len(p) <= 5:
         parts = LoraParts(*p)
     else:
-        raise TypeError(f"expected LoraParts(weight, A, B, scale, bias), a tuple of those, or a weight tensor; got {type(p).__name__}")
+        raise TypeError("expected LoraParts(weight, A, B, scale, bias), a tuple of those, or a weight tensor; "
+                        f"got {type(p).__name__}")
     if (parts.A is None) != (parts.B is None):
         raise ValueError("LoRA A and B must both be given or both be None")
     if parts.weight.requires_grad:

@@ -93,7 +93,8 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
         if ts:
             order = list(ts)
             t_cat = torch.cat([ts[i] for i in order], dim=1) if len(order) > 1 else ts[order[0]]
-            a_cat = torch.cat([cast_to(parts[i].A, dtype) for i in order]) if len(order) > 1 else cast_to(parts[order[0]].A, dtype)
+            a_list = [cast_to(parts[i].A, dtype) for i in order]
+            a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]
             dx.addmm_(t_cat, a_cat)
     return dx, d_as, d_bs
 

@@ -4,7 +4,6 @@ Same math as PEFT's eager ``base(x) + lora_B(lora_A(x)) * scaling`` with dropout
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..dequant.weights import dense_weight
