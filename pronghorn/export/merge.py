@@ -80,12 +80,35 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if getattr(weight, "quant_state", None) is not None:
         import bitsandbytes.functional as bnbf
 
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed(weight)
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
     if type(weight).__name__ == "Int8Params":
         from peft.utils.integrations import dequantize_bnb_weight
 
         return dequantize_bnb_weight(weight, state=getattr(module, "state", None))
     return weight.detach()
+
+
+def _dequantize_cpu_packed(weight) -> torch.Tensor:
+    """Dequantize a 4-bit weight that bitsandbytes repacked in place for its CPU kernel.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode rewrites ``weight.data`` into a
+    kernel layout (and the QuantState with it) the first time it runs, so ``dequantize_4bit`` on the
+    raw data would read garbage. We undo the packing on copies -- the user's module is left as is --
+    and use the float per-block scales the packed forward itself uses.
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    packed_state = weight.quant_state
+    state = copy.copy(packed_state)
+    state.original_nested = False   # keep the float scales; do not re-quantize them
+    codes, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data.clone(), state)
+    state.absmax = packed_state.absmax.T.reshape(-1).float()
+    state.nested = False
+    return bnbf.dequantize_4bit(codes, state)
 
 
 def _active_adapters(layer: nn.Module) -> list[str]:

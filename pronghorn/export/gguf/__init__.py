@@ -1,0 +1,1 @@
+"""GGUF writing: architecture metadata, tokenizer, tensor types, streaming writer."""
