@@ -41,7 +41,7 @@ def _lora(family, overrides, impl):
     return model.train()
 
 
-def _per_example_losses(logits_rows, spans):
+def _per_example_losses(spans):
     """Summed next-token CE of each example, from [row, start, length] spans."""
     out = []
     for logits, ids, start, n in spans:
@@ -70,14 +70,14 @@ def _run(model, layout, examples):
         ids = torch.stack([torch.cat([examples[i] for i in row]) for row in ROWS])
         pos = torch.stack([torch.cat([torch.arange(LENGTHS[i]) for i in row]) for row in ROWS])
         logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        spans, by_example = [], {}
+        by_example = {}
         for r, row in enumerate(ROWS):
             start = 0
             for i in row:
                 by_example[i] = (logits[r], ids[r], start, LENGTHS[i])
                 start += LENGTHS[i]
         spans = [by_example[i] for i in range(len(examples))]
-    losses = _per_example_losses(None, spans)
+    losses = _per_example_losses(spans)
     (losses.sum() / (sum(LENGTHS) - len(LENGTHS))).backward()
     return losses.detach(), trainable_grads(model)
 
