@@ -351,3 +351,17 @@ def test_llama_gpu_matches_peft(dtype):
     _compare(_run(lambda t: fused_mlp_forward(mlp, t, "swiglu"), x, mlp), _run(mlp, x, mlp), dtype)
     _compare(_run(lambda t: fused_qkv_forward(attn, t), x, attn),
              _run(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, attn), dtype)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_under_activation_checkpointing(reentrant):
+    """Recomputation hands the Function fresh saved tensors, so the in-place backward stays correct."""
+    from torch.utils.checkpoint import checkpoint
+
+    mlp = _layer("llama", torch.float32).mlp
+    x = _x((2, 5, 64), torch.float32)
+
+    def fused(t):
+        return checkpoint(lambda u: fused_mlp_forward(mlp, u, "swiglu"), t, use_reentrant=reentrant)
+
+    _compare(_run(fused, x, mlp), _run(mlp, x, mlp), torch.float32)
