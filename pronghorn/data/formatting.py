@@ -20,8 +20,8 @@ def _adds_bos(tokenizer) -> bool:
 
 def apply_chat_template(dataset, tokenizer, chat_template: str | None = None, conversation_column: str | None = None,
                         output_column: str = "text", tools_column: str = "tools", system_message: str | None = None,
-                        add_generation_prompt: bool = False, strip_bos: bool | None = None, num_proc=None,
-                        **template_kwargs):
+                        add_generation_prompt: bool = False, strip_bos: bool | None = None,
+                        drop_null_arguments: bool = True, num_proc=None, **template_kwargs):
     """Render every conversation of ``dataset`` with the tokenizer's chat template into ``output_column``.
 
     Args:
@@ -36,6 +36,8 @@ def apply_chat_template(dataset, tokenizer, chat_template: str | None = None, co
         add_generation_prompt: end with the assistant opener (for prompts to generate from).
         strip_bos: drop a leading BOS from the text; default: when the tokenizer adds a BOS itself on encoding,
             so training text does not start with two.
+        drop_null_arguments: drop ``None``-valued tool-call arguments, which Arrow adds when one column holds
+            calls of tools with different parameters (store a real null as the JSON string ``"null"``).
         template_kwargs: extra template variables (``enable_thinking=False``, ``date_string=...``).
     """
     if chat_template is not None:
@@ -52,7 +54,7 @@ def apply_chat_template(dataset, tokenizer, chat_template: str | None = None, co
     def render(batch):
         texts = []
         for row, conversation in enumerate(batch[column]):
-            messages = normalize_messages(conversation)
+            messages = normalize_messages(conversation, drop_null_arguments)
             if system_message is not None and (not messages or messages[0]["role"] != "system"):
                 messages = [{"role": "system", "content": system_message}, *messages]
             tools = batch[tools_column][row] if has_tools else None

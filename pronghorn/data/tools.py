@@ -12,9 +12,13 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _GEMMA = re.compile(r"```tool_code\s*\n(.*?)(?:\n?```|$)", re.S)
 
 
-def normalize_messages(messages: list[dict]) -> list[dict]:
+def normalize_messages(messages: list[dict], drop_null_arguments: bool = False) -> list[dict]:
     """A copy of ``messages`` ready for chat templates: tool-call ``arguments`` given as JSON strings
-    (OpenAI's wire format) become dicts, and a missing assistant ``content`` becomes ``""``."""
+    (OpenAI's wire format) become dicts, and a missing assistant ``content`` becomes ``""``.
+
+    ``drop_null_arguments`` removes arguments whose value is ``None``: a ``datasets`` column stores the
+    arguments of different tools as one Arrow struct and fills the keys a call lacks with ``None``.
+    """
     out = []
     for i, message in enumerate(messages):
         message = dict(message)
@@ -30,8 +34,11 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                         args = json.loads(args) if args.strip() else {}
                     except json.JSONDecodeError as err:
                         raise ValueError(f"message {i}: tool call arguments are not valid JSON: {args!r}") from err
+                if drop_null_arguments and isinstance(args, dict):
+                    args = {k: v for k, v in args.items() if v is not None}
                 fn["arguments"] = args
-                fixed.append({**call, "type": call.get("type", "function"), "function": fn}
+                call = {k: v for k, v in call.items() if v is not None}  # Arrow fills absent keys (id) with None
+                fixed.append({**call, "type": call.get("type") or "function", "function": fn}
                              if "function" in call else {"type": "function", "function": fn})
             message["tool_calls"] = fixed
         elif "tool_calls" in message:

@@ -72,3 +72,20 @@ def test_normalize_messages():
     with pytest.raises(ValueError, match="not valid JSON"):
         normalize_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}])
     assert normalize_messages(TOOL_CHAT)[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_arrow_merged_arguments_are_dropped_when_rendering_a_dataset():
+    from datasets import Dataset
+
+    from pronghorn.data import apply_chat_template
+
+    def call(name, args):
+        return [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]}]
+    ds = Dataset.from_list([{"messages": call("get_weather", {"city": "Paris"})},
+                            {"messages": call("add", {"a": 1, "b": 2})}])
+    assert ds[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "a": None, "b": None}
+    tok = get_chat_template(byte_bpe_tokenizer(), "qwen-2.5")
+    texts = apply_chat_template(ds, tok)["text"]
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in texts[0]
+    assert '{"name": "add", "arguments": {"a": 1, "b": 2}}' in texts[1]
