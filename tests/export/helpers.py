@@ -34,3 +34,30 @@ def tokenizer_for(model):
 def input_ids(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 512):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(30, vocab, (batch, length), generator=gen)
+
+
+def trained_lora_model(family: str, tokenizer, steps: int = 30, seed: int = 0, **overrides):
+    """A tiny model fitted to the factory corpus, then wrapped in LoRA with random non-zero lora_B.
+
+    Fitting makes next-token distributions peaked like a trained model's; a random model has near-tied
+    logits, which turns top-1 and greedy-generation comparisons into coin flips.
+    """
+    from tests.factories import CORPUS
+
+    model = tiny_model(family, seed=seed, **overrides).train()
+    batch = tokenizer(CORPUS, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.get(family, DEFAULT_TARGETS), lora_dropout=0.0)
+    peft_model = get_peft_model(model.eval(), cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return peft_model.eval()
