@@ -308,3 +308,13 @@ def test_lm_head_loss_falls_back_for_wrapped_heads():
     unfused = lm_head_loss(hidden, head, labels, spec=spec)
     assert "Fused" not in type(unfused.grad_fn).__name__
     assert_close(fused, unfused)
+
+
+def test_gpu_launch_config_under_interpreter(monkeypatch):
+    # The GPU takes one row per program; run that configuration here too (with a narrow step so
+    # the column loop still runs several times).
+    import pronghorn.kernels.cross_entropy.triton as ce_triton
+
+    monkeypatch.setattr(ce_triton, "ce_tile_config", lambda n_cols, on_gpu: (1, 64))
+    hidden, weight, bias, labels = _inputs(5, 8, 131, torch.float32, bias=True, ignore=(1,))
+    _check(torch.float32, hidden, weight, bias, labels, softcap=3.0, chunk_size=3)

@@ -121,3 +121,16 @@ def test_mlp_forward_gemma(family):
         results.append([out.detach(), xi.grad] + [p.grad.clone() for p in mlp.parameters()])
     for a, b in zip(*results):
         assert_close(a, b, scale=10)  # HF rounds after the activation; fp32 agrees to ~1e-6
+
+
+def test_gpu_tile_config_under_interpreter(monkeypatch):
+    import pronghorn.kernels.geglu.triton as geglu_triton
+
+    real = geglu_triton.tile_config
+    monkeypatch.setattr(geglu_triton, "tile_config", lambda r, c, on_gpu: real(r, c, True))
+    gate, up = _pair((5, 2100), torch.float32)
+    dh = torch.randn(5, 2100, device=DEVICE)
+    for approximate in APPROX:
+        got = _fwd_bwd(geglu, gate, up, dh, approximate)
+        for a, b in zip(got, _fwd_bwd(geglu_reference, gate, up, dh, approximate)):
+            assert_close(a, b)

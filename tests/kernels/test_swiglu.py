@@ -170,3 +170,14 @@ def test_activation_names_from_hf():
         activation_for_hf("relu2")
     with pytest.raises(ValueError, match="activation must be one of"):
         gated_activation(*_pair((2, 3), torch.float32), activation="reglu")
+
+
+def test_gpu_tile_config_under_interpreter(monkeypatch):
+    import pronghorn.kernels.swiglu.triton as swiglu_triton
+
+    real = swiglu_triton.tile_config
+    monkeypatch.setattr(swiglu_triton, "tile_config", lambda r, c, on_gpu: real(r, c, True))
+    gate, up = _pair((5, 2100), torch.float32)
+    dh = torch.randn(5, 2100, device=DEVICE)
+    for a, b in zip(_fwd_bwd(swiglu, gate, up, dh, inplace_backward=True), _fwd_bwd(swiglu_reference, gate, up, dh)):
+        assert_close(a, b)

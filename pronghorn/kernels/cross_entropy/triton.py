@@ -1,8 +1,8 @@
 """Triton kernels for the fused LM-head cross-entropy.
 
-``_ce_rows_kernel``: one program per token row of a logits chunk. Pass 1 streams the row once
-to get the logsumexp (online max/sum, fp32) and the target logit; pass 2 streams it again and
-overwrites it with ``dloss_row / dlogits``. Row offsets are int64: a chunk of logits easily
+``_ce_rows_kernel``: each program takes ROWS token rows of a logits chunk. Pass 1 streams them
+once for each row's logsumexp (online max/sum, fp32) and target logit; pass 2 streams them again
+and overwrites them with ``d loss_row / d logits``. Row offsets are int64: a chunk of logits easily
 passes 2**31 elements (65536 rows x 128256 vocab).
 
 ``_scale_kernel``: ``dst = src * factor`` with ``factor`` read from device memory in fp32, so
@@ -29,42 +29,44 @@ def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _ce_rows_kernel(
-    logits_ptr, logits_stride, labels_ptr, loss_ptr, n_cols, ignore_index, logit_scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr, logits_stride, labels_ptr, loss_ptr, n_rows, n_cols, ignore_index, logit_scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * logits_stride
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    base = logits_ptr + rows[:, None] * logits_stride
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = labels != ignore_index
 
-    m = float("-inf")
-    s = 0.0
-    target = 0.0
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    target = tl.zeros([ROWS], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.where(mask, _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(y, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new), 0)
+        col_ok = cols < n_cols
+        x = tl.load(base + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        # Padding columns are -inf so they vanish from max and sum; padding rows stay finite (x = 0).
+        y = tl.where(col_ok[None, :], _transform(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        m_new = tl.maximum(m, tl.max(y, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new[:, None]), 1)
         m = m_new
-        target += tl.sum(tl.where(cols == label, y, 0.0), 0)
+        target += tl.sum(tl.where(cols[None, :] == labels[:, None], y, 0.0), 1)
     lse = m + tl.log(s)
-    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+    tl.store(loss_ptr + rows, tl.where(valid, lse - target, 0.0), mask=row_ok)
 
     # Ignored rows get a zero gradient row, so the matmuls that follow need no masking.
-    keep = tl.where(valid, 1.0, 0.0)
+    factor = tl.where(valid, logit_scale, 0.0)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = _transform(x, logit_scale, softcap, HAS_SOFTCAP)
-        d = tl.exp(y - lse) - tl.where(cols == label, 1.0, 0.0)
+        d = tl.exp(y - lse[:, None]) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
         if HAS_SOFTCAP:
             r = y / softcap
             d = d * (1.0 - r * r)
-        d = d * (logit_scale * keep)
-        tl.store(base + cols, d.to(logits_ptr.dtype.element_ty), mask=mask)
+        d = d * factor[:, None]
+        tl.store(base + cols[None, :], d.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -76,10 +78,14 @@ def _scale_kernel(src_ptr, dst_ptr, factor_ptr, n, BLOCK: tl.constexpr):
     tl.store(dst_ptr + offs, (v * f).to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-def ce_block_size(n_cols: int, on_gpu: bool) -> int:
-    """Columns per step of the row loop: large on GPU to keep loads wide; small under the CPU
-    interpreter, where it also makes small test vocabularies take the multi-block path."""
-    return min(triton.next_power_of_2(max(n_cols, 1)), 4096 if on_gpu else 256)
+def ce_tile_config(n_cols: int, on_gpu: bool) -> tuple[int, int]:
+    """(rows per program, columns per step of the row loop). GPU: one row per program and wide
+    4096-column steps, enough programs to fill the device for any realistic token count. CPU
+    interpreter, whose cost is per program and per step: 16 rows and 256 columns, which also
+    sends small test vocabularies through the multi-step path."""
+    if on_gpu:
+        return 1, min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+    return 16, min(triton.next_power_of_2(max(n_cols, 1)), 256)
 
 
 def ce_rows_inplace(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.Tensor, ignore_index: int,
@@ -89,11 +95,12 @@ def ce_rows_inplace(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.
     rows, n_cols = logits.shape
     if rows == 0:
         return
-    block = ce_block_size(n_cols, logits.is_cuda)
-    _ce_rows_kernel[(rows,)](
-        logits, logits.stride(0), labels, loss_out, n_cols, ignore_index, float(logit_scale),
+    per_program, block = ce_tile_config(n_cols, logits.is_cuda)
+    _ce_rows_kernel[(triton.cdiv(rows, per_program),)](
+        logits, logits.stride(0), labels, loss_out, rows, n_cols, ignore_index, float(logit_scale),
         float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        HAS_SOFTCAP=softcap is not None, ROWS=per_program, BLOCK=block,
+        num_warps=8 if per_program * block >= 2048 else 4,
     )
 
 

@@ -10,10 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_KAPPA = 0.044715
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+from pronghorn.kernels.swiglu.triton import tile_config
+
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_KAPPA = tl.constexpr(0.044715)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -38,40 +40,36 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr):
 
 
 @triton.jit
-def _geglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_cols, g_stride, u_stride, h_stride,
-                      APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+def _geglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, g_stride, u_stride, h_stride,
+                      APPROX_TANH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    g = tl.load(g_ptr + rows * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if APPROX_TANH:
         act = 0.5 * g * (1.0 + _tanh(_SQRT_2_OVER_PI * (g + _KAPPA * g * g * g)))
     else:
         act = 0.5 * g * (1.0 + tl.math.erf(g * _INV_SQRT_2))
-    tl.store(h_ptr + row * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + rows * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _geglu_bwd_kernel(
-    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_cols,
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols,
     dh_stride, g_stride, u_stride, dg_stride, du_stride,
-    APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr,
+    APPROX_TANH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dg/du may alias g/u: each element is read before it is written, by one program only.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dh = tl.load(dh_ptr + row * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (rows < n_rows) & (cols < n_cols)
+    dh = tl.load(dh_ptr + rows * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     act, grad = _gelu_and_grad(g, APPROX_TANH)
-    tl.store(dg_ptr + row * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(du_ptr + row * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
-
-
-def _block(n_cols: int) -> int:
-    return min(triton.next_power_of_2(max(n_cols, 1)), 1024)
+    tl.store(dg_ptr + rows * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + rows * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
 
 
 def geglu_forward(g: torch.Tensor, u: torch.Tensor, approx_tanh: bool) -> torch.Tensor:
@@ -80,10 +78,10 @@ def geglu_forward(g: torch.Tensor, u: torch.Tensor, approx_tanh: bool) -> torch.
     h = torch.empty((rows, n_cols), dtype=g.dtype, device=g.device)
     if h.numel() == 0:
         return h
-    block = _block(n_cols)
-    _geglu_fwd_kernel[(rows, triton.cdiv(n_cols, block))](
-        g, u, h, n_cols, g.stride(0), u.stride(0), h.stride(0),
-        APPROX_TANH=approx_tanh, BLOCK=block, num_warps=4 if block <= 512 else 8,
+    cfg = tile_config(rows, n_cols, g.is_cuda)
+    _geglu_fwd_kernel[cfg["grid"]](
+        g, u, h, rows, n_cols, g.stride(0), u.stride(0), h.stride(0),
+        APPROX_TANH=approx_tanh, ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     return h
 
@@ -93,9 +91,9 @@ def geglu_backward(dh, g, u, dg, du, approx_tanh: bool) -> None:
     rows, n_cols = g.shape
     if g.numel() == 0:
         return
-    block = _block(n_cols)
-    _geglu_bwd_kernel[(rows, triton.cdiv(n_cols, block))](
-        dh, g, u, dg, du, n_cols,
+    cfg = tile_config(rows, n_cols, g.is_cuda)
+    _geglu_bwd_kernel[cfg["grid"]](
+        dh, g, u, dg, du, rows, n_cols,
         dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-        APPROX_TANH=approx_tanh, BLOCK=block, num_warps=4 if block <= 512 else 8,
+        APPROX_TANH=approx_tanh, ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
