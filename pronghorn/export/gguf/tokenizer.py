@@ -190,8 +190,13 @@ def _spm_vocab_from_model_file(path: str, tokenizer, vocab_size: int) -> GGUFVoc
             types[idx] = kind
         elif types[idx] == int(gguf.TokenType.NORMAL):
             types[idx] = kind
+    # The HF tokenizer's own normalizer decides the leading "▁" (Gemma's tokenizers do not add it even
+    # when the .model says add_dummy_prefix); the training ids came from the HF tokenizer.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    prefix = (_adds_space_prefix(json.loads(backend.to_str())) if backend is not None
+              else bool(proto.normalizer_spec.add_dummy_prefix))
     return GGUFVocab(model="llama", tokens=_pad_unused(tokens, types), types=types, scores=scores,
-                     add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
+                     add_space_prefix=prefix)
 
 
 def _spm_vocab_from_json(tokenizer, data: dict, vocab_size: int) -> GGUFVocab:
