@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import copy
 import json
 import os
 import shutil
@@ -126,7 +127,8 @@ def build_config(shape: Shape):
     """The transformers config of ``shape`` (no weights)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(shape.model_type, **shape.config)
+    # deep copy: transformers normalises nested rope dicts in place, which would change the shape's marker
+    return AutoConfig.for_model(shape.model_type, **copy.deepcopy(shape.config))
 
 
 # ---------------------------------------------------------------------------------------------

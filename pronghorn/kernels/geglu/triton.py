@@ -21,7 +21,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 @triton.jit
 def _tanh(z):
     # (1 - e) / (1 + e) with e = exp(-2|z|) never overflows and saturates cleanly to +-1.
-    e = tl.exp(-2.0 * tl.abs(z))
+    e = tl.exp(-2.0 * tl.where(z >= 0, z, -z))
     r = (1.0 - e) / (1.0 + e)
     return tl.where(z >= 0, r, -r)
 
