@@ -21,7 +21,7 @@ def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         # softcap * tanh(z / softcap), with tanh through exp(-2|u|) so it never overflows.
         u = z / softcap
-        e = tl.exp(-2.0 * tl.abs(u))
+        e = tl.exp(-2.0 * tl.where(u >= 0, u, -u))
         t = (1.0 - e) / (1.0 + e)
         z = softcap * tl.where(u >= 0, t, -t)
     return z

@@ -12,10 +12,10 @@ import triton.language as tl
 
 from pronghorn.kernels.swiglu.triton import tile_config
 
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-_KAPPA = tl.constexpr(0.044715)
-_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+# The constants are written inline in the kernels: Triton on GPU rejects plain module globals,
+# and the CPU interpreter mishandles tl.constexpr globals on the left of an operator.
+# sqrt(2/pi) = 0.7978845608028654, kappa = 0.044715, 1/sqrt(2) = 0.7071067811865476,
+# 1/sqrt(2 pi) = 0.3989422804014327.
 
 
 @triton.jit
@@ -29,13 +29,13 @@ def _tanh(z):
 @triton.jit
 def _gelu_and_grad(g, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh(_SQRT_2_OVER_PI * (g + _KAPPA * g * g * g))
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
         act = 0.5 * g * (1.0 + t)
-        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _KAPPA * g * g)
+        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         act = g * cdf
-        grad = cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
+        grad = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     return act, grad
 
 
@@ -48,9 +48,9 @@ def _geglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, g_stride, u_stride, h
     g = tl.load(g_ptr + rows * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if APPROX_TANH:
-        act = 0.5 * g * (1.0 + _tanh(_SQRT_2_OVER_PI * (g + _KAPPA * g * g * g)))
+        act = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
     else:
-        act = 0.5 * g * (1.0 + tl.math.erf(g * _INV_SQRT_2))
+        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     tl.store(h_ptr + rows * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
