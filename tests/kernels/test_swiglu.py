@@ -181,3 +181,24 @@ def test_gpu_tile_config_under_interpreter(monkeypatch):
     dh = torch.randn(5, 2100, device=DEVICE)
     for a, b in zip(_fwd_bwd(swiglu, gate, up, dh, inplace_backward=True), _fwd_bwd(swiglu_reference, gate, up, dh)):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_mlp_forward_under_activation_checkpointing(use_reentrant):
+    # Checkpointing recomputes gate/up in backward; the in-place backward then overwrites the
+    # recomputed buffers, which must give the same gradients as the module's own forward.
+    from torch.utils.checkpoint import checkpoint
+
+    from pronghorn.nn.activations import mlp_forward
+    from tests.factories import tiny_model
+
+    mlp = tiny_model("llama").model.layers[0].mlp.to(DEVICE)
+    x = torch.randn(2, 5, mlp.down_proj.out_features, device=DEVICE)
+    results = []
+    for fn in (lambda t: mlp(t), lambda t: checkpoint(mlp_forward, mlp, t, use_reentrant=use_reentrant)):
+        mlp.zero_grad()
+        xi = x.clone().requires_grad_()
+        fn(xi).pow(2).sum().backward()
+        results.append([xi.grad] + [p.grad.clone() for p in mlp.parameters()])
+    for a, b in zip(*results):
+        assert_close(a, b, scale=10)
