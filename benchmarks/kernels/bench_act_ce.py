@@ -26,17 +26,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import common  # benchmarks/ is a folder of scripts, not a package
 
-from pronghorn.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
-from pronghorn.kernels.cross_entropy.reference import fused_linear_cross_entropy_reference  # noqa: E402
-from pronghorn.kernels.geglu import geglu  # noqa: E402
-from pronghorn.kernels.geglu.reference import geglu_reference  # noqa: E402
-from pronghorn.kernels.swiglu import swiglu  # noqa: E402
-from pronghorn.kernels.swiglu.reference import swiglu_reference  # noqa: E402
+from pronghorn.kernels.cross_entropy import fused_linear_cross_entropy
+from pronghorn.kernels.cross_entropy.reference import fused_linear_cross_entropy_reference
+from pronghorn.kernels.geglu import geglu
+from pronghorn.kernels.geglu.reference import geglu_reference
+from pronghorn.kernels.swiglu import swiglu
+from pronghorn.kernels.swiglu.reference import swiglu_reference
 
-FULL = dict(act_tokens=8192, intermediate=14336, ce_tokens=4096, hidden=4096, vocab=128256)
-SMOKE = dict(act_tokens=64, intermediate=300, ce_tokens=40, hidden=16, vocab=1000)
+FULL = {"act_tokens": 8192, "intermediate": 14336, "ce_tokens": 4096, "hidden": 4096, "vocab": 128256}
+SMOKE = {"act_tokens": 64, "intermediate": 300, "ce_tokens": 40, "hidden": 16, "vocab": 1000}
 
 
 def _sync(device):
@@ -107,12 +107,12 @@ def bench_activation(name, ours, reference, hf_eager, shape, device, args) -> li
             fn(gate, up).backward(dh)
             gate.grad = up.grad = None
 
-        row = dict(op=name, impl=impl, shape=[tokens, inter], dtype=str(dtype))
+        row = {"op": name, "impl": impl, "shape": [tokens, inter], "dtype": str(dtype)}
         try:
             if impl != "reference_compile":  # a no-grad call would be one more compilation
                 row["fwd_ms"] = time_ms(fwd, device, args.warmup, args.iters)
             row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.warmup, args.iters)
-        except Exception as exc:  # a reference that fails to compile is reported, not fatal
+        except RuntimeError as exc:  # a reference that fails to compile is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             continue
@@ -153,12 +153,12 @@ def bench_cross_entropy(shape, device, args, train_weight: bool) -> list[dict]:
             hidden.grad = weight.grad = None
             return loss
 
-        row = dict(op="linear_cross_entropy", impl=impl, lm_head="trainable" if train_weight else "frozen",
-                   shape=[tokens, hid, vocab], dtype=str(dtype))
+        row = {"op": "linear_cross_entropy", "impl": impl, "lm_head": "trainable" if train_weight else "frozen",
+                   "shape": [tokens, hid, vocab], "dtype": str(dtype)}
         try:
             row["loss_minus_reference"] = fwd_bwd().item() - want
             row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.warmup, args.iters)
-        except Exception as exc:  # e.g. the materialised reference running out of memory
+        except RuntimeError as exc:  # e.g. the materialised reference running out of memory
             row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             continue
@@ -218,11 +218,11 @@ def main(argv=None) -> int:
 
     print(f"device: {common.device_name(device.type)}   elapsed: {elapsed:.1f}s")
     print_table(rows)
-    common.write_json(args.out, dict(
-        benchmark="act_ce", date=common.now_utc(), device=common.device_name(device.type),
-        versions=common.package_versions(), commit=common.git_commit(), smoke=args.smoke,
-        warmup=args.warmup, iters=args.iters, elapsed_s=elapsed, rows=rows,
-    ))
+    common.write_json(args.out, {
+        "benchmark": "act_ce", "date": common.now_utc(), "device": common.device_name(device.type),
+        "versions": common.package_versions(), "commit": common.git_commit(), "smoke": args.smoke,
+        "warmup": args.warmup, "iters": args.iters, "elapsed_s": elapsed, "rows": rows,
+    })
     print(f"wrote {args.out}")
     return 0
 

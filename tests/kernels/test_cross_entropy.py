@@ -9,7 +9,7 @@ from pronghorn.kernels.cross_entropy import (
     fused_linear_cross_entropy_reference,
     pick_chunk_rows,
 )
-from tests.tolerances import TOLERANCES, assert_close
+from tests.tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -53,10 +53,10 @@ def _check(dtype, hidden, weight, bias, labels, **kw):
 
 
 CASES = {
-    "plain": dict(),
-    "bias": dict(bias=True),
-    "softcap": dict(softcap=4.0, bias=True),
-    "scale_softcap": dict(softcap=3.0, logit_scale=0.5),
+    "plain": {},
+    "bias": {"bias": True},
+    "softcap": {"softcap": 4.0, "bias": True},
+    "scale_softcap": {"softcap": 3.0, "logit_scale": 0.5},
 }
 
 

@@ -55,7 +55,7 @@ def tile_config(n_rows: int, n_cols: int, on_gpu: bool) -> dict:
     budget = 4096 if on_gpu else 16384
     rows = min(triton.next_power_of_2(max(n_rows, 1)), max(1, budget // block))
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
-    return dict(grid=grid, ROWS=rows, BLOCK=block, num_warps=8 if rows * block >= 2048 else 4)
+    return {"grid": grid, "ROWS": rows, "BLOCK": block, "num_warps": 8 if rows * block >= 2048 else 4}
 
 
 def _launch(kernel, cfg: dict, *args) -> None:
