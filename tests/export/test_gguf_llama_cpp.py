@@ -109,3 +109,20 @@ def test_k_quant_through_llama_cpp(tmp_path):
     llm.close()
     # 4-bit weights on 64-wide rows (llama.cpp falls back from k-quants there): a loose sanity bound
     assert np.isfinite(got).all() and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+])
+def test_rope_scaling_matches(tmp_path, rope):
+    tok = byte_bpe_tokenizer()
+    model = trained_lora_model("llama", tok, rope_parameters=rope)
+    (path,) = save_pretrained_gguf(model, tmp_path / "g", tok, "f16", ollama=False)
+    llm = _load(path)
+    for text in PROMPTS[:3]:
+        ids = tok(text)["input_ids"]
+        diff = np.abs(_gguf_logits(llm, ids) - _hf_logits(model, ids)).max()
+        assert diff <= F16_ATOL, f"{rope['rope_type']}: max |logit diff| {diff:.4f}"
+    llm.close()

@@ -174,7 +174,11 @@ def permute_for_normal_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def transform_tensor(hf_name: str, tensor: torch.Tensor, config, family: GGUFFamily) -> torch.Tensor:
-    """Apply the llama.cpp weight conventions of ``family`` to one HF tensor (fp32 in, fp32 out)."""
+    """Apply the llama.cpp weight conventions of ``family`` to one HF tensor.
+
+    Reordering keeps the dtype; the Gemma ``+ 1`` is done in fp32 (a bf16 norm weight plus one would
+    lose its low bits). Other tensors are returned as they are, without a copy.
+    """
     if family.permute_qk:
         if ".q_proj." in hf_name:
             tensor = permute_for_normal_rope(tensor, config.num_attention_heads)
@@ -182,5 +186,5 @@ def transform_tensor(hf_name: str, tensor: torch.Tensor, config, family: GGUFFam
             tensor = permute_for_normal_rope(tensor, getattr(config, "num_key_value_heads", None)
                                              or config.num_attention_heads)
     if family.norm_plus_one and hf_name.endswith("norm.weight"):
-        tensor = tensor + 1.0
+        tensor = tensor.float() + 1.0
     return tensor

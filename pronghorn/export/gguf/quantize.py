@@ -91,16 +91,27 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def quantize_q8_0(t: torch.Tensor) -> np.ndarray:
-    """Q8_0 blocks (fp16 scale + 32 int8) of a 2-D fp32 tensor, as uint8 rows, matching ggml's reference."""
-    rows = t.shape[0]
+def _q8_0_rows(t: torch.Tensor) -> torch.Tensor:
     blocks = t.reshape(-1, 32).float()
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     qs = _roundf(blocks * inv).to(torch.int8)
     d16 = d.to(torch.float16).view(torch.uint8)          # (n_blocks, 2), little-endian on all our hosts
-    out = torch.cat([d16, qs.view(torch.uint8)], dim=1)
-    return out.reshape(rows, -1).cpu().numpy()
+    return torch.cat([d16, qs.view(torch.uint8)], dim=1).reshape(t.shape[0], -1)
+
+
+def quantize_q8_0(t: torch.Tensor, chunk_elements: int = 1 << 24) -> np.ndarray:
+    """Q8_0 blocks (fp16 scale + 32 int8) of a 2-D tensor, as uint8 rows, matching ggml's reference.
+
+    Rows are processed in chunks of about ``chunk_elements`` so the fp32 temporaries stay small
+    (an embedding matrix would otherwise need several copies of itself in fp32).
+    """
+    rows, cols = t.shape
+    out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
+    step = max(1, chunk_elements // cols)
+    for start in range(0, rows, step):
+        out[start:start + step] = _q8_0_rows(t[start:start + step]).cpu().numpy()
+    return out
 
 
 def encode_tensor(t: torch.Tensor, qtype) -> np.ndarray:

@@ -25,12 +25,12 @@ class _Planned:
     gguf_name: str
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
-    produce: Callable[[], torch.Tensor]     # fp32 tensor with llama.cpp conventions applied
+    produce: Callable[[], torch.Tensor]     # tensor with llama.cpp conventions applied
 
 
 def _from_source(src: TensorSource, config, family: GGUFFamily) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
-        return transform_tensor(src.name, src.load().float(), config, family)
+        return transform_tensor(src.name, src.load(), config, family)
     return produce
 
 
