@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+LLAMA31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                  "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192},
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def _rss_gib() -> float:
@@ -79,11 +79,11 @@ def main() -> None:
     tok = byte_bpe_tokenizer()
     build_s = time.perf_counter() - t0
     rss_after_build = _current_rss_gib()
-    results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
-                   gpu=torch.cuda.get_device_name(0) if device == "cuda" else None,
-                   host=platform.node(), cpus=os.cpu_count(), torch=torch.__version__,
-                   layers=args.layers, params_b=sum(p.numel() for p in model.parameters()) / 1e9,
-                   build_s=round(build_s, 1), rss_after_build_gib=round(rss_after_build, 2), runs={})
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": device,
+                   "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+                   "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "layers": args.layers, "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
+                   "build_s": round(build_s, 1), "rss_after_build_gib": round(rss_after_build, 2), "runs": {}}
     for name, fn in (
         ("merged_16bit", lambda: save_pretrained_merged(model, workdir / "merged", tok, "merged_16bit")),
         ("gguf_q8_0", lambda: save_pretrained_gguf(model, workdir / "gguf", tok, "q8_0", ollama=False)),
@@ -96,9 +96,9 @@ def main() -> None:
         elapsed = time.perf_counter() - t
         out_dir = workdir / ("merged" if name == "merged_16bit" else "gguf")
         size = sum(p.stat().st_size for p in out_dir.iterdir())
-        results["runs"][name] = dict(seconds=round(elapsed, 1), output_gib=round(size / 2**30, 2),
-                                     peak_rss_gib=round(_rss_gib(), 2), peak_rss_before_gib=round(start_peak, 2),
-                                     write_gib_per_s=round(size / 2**30 / elapsed, 2))
+        results["runs"][name] = {"seconds": round(elapsed, 1), "output_gib": round(size / 2**30, 2),
+                                     "peak_rss_gib": round(_rss_gib(), 2), "peak_rss_before_gib": round(start_peak, 2),
+                                     "write_gib_per_s": round(size / 2**30 / elapsed, 2)}
         print(name, results["runs"][name], flush=True)
         if not args.keep:
             shutil.rmtree(out_dir)

@@ -10,7 +10,7 @@ copy of the model. The PEFT model itself is only read: ``merge_and_unload`` is n
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -169,8 +169,7 @@ def _plain_loader(module: nn.Module, pname: str) -> Callable[[], torch.Tensor]:
 
 
 def _leaf_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    for pname, p in module.named_parameters(recurse=False):
-        yield pname, p
+    yield from module.named_parameters(recurse=False)
     for bname, b in module.named_buffers(recurse=False):
         if b is not None and bname not in getattr(module, "_non_persistent_buffers_set", set()):
             yield bname, b

@@ -1,7 +1,8 @@
 """README.md model cards that say what a checkpoint is: base model, export method, training settings."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 

@@ -164,5 +164,10 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, tokenizer=
     return Path(save_directory).expanduser().resolve()
 
 
-__all__ = ["save_pretrained_merged", "save_adapter", "estimate_merged_bytes", "SAVE_METHODS",
-           "unwrap_base_model"]
+__all__ = [
+    "SAVE_METHODS",
+    "estimate_merged_bytes",
+    "save_adapter",
+    "save_pretrained_merged",
+    "unwrap_base_model",
+]

@@ -22,10 +22,9 @@ def test_failure_leaves_nothing_and_keeps_old_target(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("keep")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_output_dir(target, overwrite=True) as tmp:
-            (tmp / "half.bin").write_bytes(b"\0" * 10)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "half.bin").write_bytes(b"\0" * 10)
+        raise RuntimeError("boom")
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -34,9 +33,8 @@ def test_non_empty_target_needs_overwrite(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "x").write_text("1")
-    with pytest.raises(ExportError, match="overwrite=True"):
-        with atomic_output_dir(target):
-            pass
+    with pytest.raises(ExportError, match="overwrite=True"), atomic_output_dir(target):
+        pass
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "y").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["y"]

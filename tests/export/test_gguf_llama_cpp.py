@@ -85,7 +85,7 @@ def test_f16_greedy_generation_identical(exported):
 
 
 def test_gguf_tokenizer_matches_hf(exported):
-    family, model, tok, paths = exported
+    family, _model, tok, paths = exported
     llm = llama_cpp.Llama(model_path=str(paths["q8_0"]), vocab_only=True, verbose=False)
     texts = PROMPTS + ["  leading spaces and\ttabs\n\nnewlines", "naïve café 1234567 ÜBER", "</s><s>[INST] hi [/INST]"]
     for text in texts:

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from pronghorn.export.gguf.save import save_pretrained_gguf
-from pronghorn.export.gguf.tokenizer import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, pre_tokenizer_name
+from pronghorn.export.gguf.tokenizer import (
+    GPT2_PATTERN,
+    LLAMA3_PATTERN,
+    QWEN2_PATTERN,
+    pre_tokenizer_name,
+)
 from tests.export.helpers import lora_model
 from tests.factories import CORPUS
 

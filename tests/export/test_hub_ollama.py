@@ -2,7 +2,11 @@
 import pytest
 
 from pronghorn.export import attach_export_methods, detach_export_methods
-from pronghorn.export.hub import push_to_hub_adapter, push_to_hub_gguf, push_to_hub_merged
+from pronghorn.export.hub import (
+    push_to_hub_adapter,
+    push_to_hub_gguf,
+    push_to_hub_merged,
+)
 from pronghorn.export.ollama import modelfile_text, ollama_pieces_for
 from tests.export.helpers import lora_model, tokenizer_for
 
@@ -14,14 +18,14 @@ class RecordingHub:
         self.repos, self.uploads = [], []
 
     def create_repo(self, repo_id, *, token=None, private=None, repo_type=None, exist_ok=False):
-        self.repos.append(dict(repo_id=repo_id, token=token, private=private, exist_ok=exist_ok))
+        self.repos.append({"repo_id": repo_id, "token": token, "private": private, "exist_ok": exist_ok})
 
     def upload_folder(self, *, repo_id, folder_path, token=None, commit_message=None, repo_type=None):
         from pathlib import Path
 
         files = {p.name: (p.read_text() if p.name == "README.md" else p.stat().st_size)
                  for p in Path(folder_path).iterdir()}
-        self.uploads.append(dict(repo_id=repo_id, files=files, token=token, message=commit_message))
+        self.uploads.append({"repo_id": repo_id, "files": files, "token": token, "message": commit_message})
         return "https://hub.example/" + repo_id
 
 
@@ -31,7 +35,7 @@ def test_push_merged_records_files_private_flag_and_card():
     url = push_to_hub_merged(model, "me/tiny-merged", tokenizer_for(model), token="hf_x", private=True, api=hub,
                              training_settings={"learning_rate": 2e-4, "dataset": "corpus"})
     assert url.endswith("me/tiny-merged")
-    assert hub.repos == [dict(repo_id="me/tiny-merged", token="hf_x", private=True, exist_ok=True)]
+    assert hub.repos == [{"repo_id": "me/tiny-merged", "token": "hf_x", "private": True, "exist_ok": True}]
     files = hub.uploads[0]["files"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(files)
     card = files["README.md"]

@@ -66,12 +66,12 @@ def normalize_methods(quantization_method: str | list[str] | tuple[str, ...]) ->
     return out
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], method: str) -> "gguf.GGMLQuantizationType":
+def tensor_type(gguf_name: str, shape: tuple[int, ...], method: str) -> gguf.GGMLQuantizationType:
     """The GGUF type of one tensor under ``method`` (a direct method), with llama.cpp-style fallbacks."""
     if len(shape) < 2:
         return Q.F32
     qtype = DIRECT_TYPES[method][0]
-    if qtype in _KEEP_Q8 and (gguf_name.startswith("token_embd") or gguf_name.startswith("output.")):
+    if qtype in _KEEP_Q8 and (gguf_name.startswith(("token_embd", "output."))):
         qtype = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block != 0:
@@ -129,12 +129,9 @@ def encode_tensor(t: torch.Tensor, qtype) -> np.ndarray:
 
 def llama_cpp_quantize(src: str | os.PathLike, dst: str | os.PathLike, method: str, threads: int | None = None) -> None:
     """Quantize GGUF ``src`` to ``dst`` with llama.cpp's quantizer (k-quants, i-quants)."""
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise ImportError(f"quantization_method={method!r} is made by llama.cpp's quantizer, which pronghorn calls "
-                          f"through llama-cpp-python. Install it: {LLAMA_CPP_INSTALL}. Or choose one of "
-                          f"{sorted(DIRECT_TYPES)}, which need nothing extra") from err
+    require_llama_cpp([method])
+    import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(LLAMA_CPP_TYPES[method])
     params.nthread = threads or os.cpu_count() or 1

@@ -8,8 +8,13 @@ from torch import nn
 
 from pronghorn.export.atomic import atomic_output_dir
 from pronghorn.export.gguf.arch import family_for, write_arch_metadata
-from pronghorn.export.gguf.quantize import (DIRECT_TYPES, LLAMA_CPP_TYPES, llama_cpp_quantize, normalize_methods,
-                                            require_llama_cpp)
+from pronghorn.export.gguf.quantize import (
+    DIRECT_TYPES,
+    LLAMA_CPP_TYPES,
+    llama_cpp_quantize,
+    normalize_methods,
+    require_llama_cpp,
+)
 from pronghorn.export.gguf.tokenizer import build_vocab
 from pronghorn.export.gguf.writer import gguf_nbytes, plan_gguf_tensors, write_gguf
 from pronghorn.export.merge import plan_merge
@@ -26,7 +31,6 @@ def gguf_filename(stem: str, method: str) -> str:
 def _estimated_bytes(plan, family, methods: list[str]) -> int:
     import gguf
 
-    extra_shapes = {}
     probe = gguf.GGUFWriter(None, family.arch_name)
     extra_shapes = write_arch_metadata(probe, plan.config, family)
     total = 0

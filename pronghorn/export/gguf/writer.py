@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import gguf
 import numpy as np
 import torch
 
 from pronghorn.export.gguf.arch import GGUFFamily, transform_tensor, write_arch_metadata
-from pronghorn.export.gguf.quantize import DIRECT_TYPES, encode_tensor, tensor_type, type_nbytes
+from pronghorn.export.gguf.quantize import (
+    DIRECT_TYPES,
+    encode_tensor,
+    tensor_type,
+    type_nbytes,
+)
 from pronghorn.export.gguf.tokenizer import GGUFVocab, write_tokenizer
 from pronghorn.export.merge import MergePlan, TensorSource
 
