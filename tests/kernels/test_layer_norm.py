@@ -21,7 +21,7 @@ def _run(fn, x, w, b, g):
 
 
 def _check(x, w, b, eps=1e-5, scale=1.0):
-    g = torch.randn(x.shape, dtype=x.dtype)
+    g = torch.randn(x.shape, dtype=x.dtype, device=x.device)
     y, grads = _run(lambda a, c, d: layer_norm(a, c, d, eps), x, w, b, g)
     yr, grads_r = _run(lambda a, c, d: layer_norm_reference(a, c, d, eps), x, w, b, g)
     assert y.dtype == yr.dtype == x.dtype

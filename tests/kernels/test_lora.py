@@ -34,7 +34,7 @@ def _run(fn, x, module, seed=0):
     outs = fn(x)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
     loss.backward()
     # params the computation does not touch (o_proj while testing q/k/v) have no grad in either path
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}

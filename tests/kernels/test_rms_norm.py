@@ -22,7 +22,7 @@ def _grads(fn, x, w, g):
 
 
 def _check(x, w, offset, mode, eps=1e-6, scale=1.0):
-    g = torch.randn(x.shape, dtype=x.dtype)
+    g = torch.randn(x.shape, dtype=x.dtype, device=x.device)
     y, dx, dw = _grads(lambda a, b: rms_norm(a, b, eps, offset, mode), x, w, g)
     yr, dxr, dwr = _grads(lambda a, b: rms_norm_reference(a, b, eps, offset, mode), x, w, g)
     assert y.dtype == yr.dtype and y.shape == yr.shape

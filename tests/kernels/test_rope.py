@@ -29,8 +29,8 @@ def _forward_backward(fn, q, k, cos, sin, gq, gk, prepare=None):
 
 def _compare(fn, ref, q, k, cos, sin, prepare=None, dtype=None, scale=1.0):
     q_shape, k_shape = (t.shape for t in (prepare(q, k) if prepare else (q, k)))
-    gq = torch.randn(q_shape, dtype=q.dtype)
-    gk = torch.randn(k_shape, dtype=k.dtype)
+    gq = torch.randn(q_shape, dtype=q.dtype, device=q.device)
+    gk = torch.randn(k_shape, dtype=k.dtype, device=k.device)
     got = _forward_backward(fn, q, k, cos, sin, gq, gk, prepare)
     want = _forward_backward(ref, q, k, cos, sin, gq, gk, prepare)
     for name, a, e in zip(("q", "k", "dq", "dk"), got, want):
