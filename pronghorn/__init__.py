@@ -21,6 +21,18 @@ _EXPORTS = {
     "load_config": "pronghorn.config.loading",
     "patch_model": "pronghorn.models.patching",
     "unpatch_model": "pronghorn.models.patching",
+    "enable_gradient_checkpointing": "pronghorn.memory.checkpointing",
+    "get_chat_template": "pronghorn.data",
+    "list_chat_templates": "pronghorn.data",
+    "register_chat_template": "pronghorn.data",
+    "ollama_template": "pronghorn.data",
+    "standardize_sharegpt": "pronghorn.data",
+    "to_sharegpt": "pronghorn.data",
+    "apply_chat_template": "pronghorn.data",
+    "format_alpaca": "pronghorn.data",
+    "load_dataset_file": "pronghorn.data",
+    "train_on_responses_only": "pronghorn.data",
+    "parse_tool_calls": "pronghorn.data",
 }
 
 

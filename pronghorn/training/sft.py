@@ -33,6 +33,13 @@ class SFTConfig(trl.SFTConfig):
     """
 
     max_seq_length: int | None = field(default=None, metadata={"help": "Alias of max_length."})
+    # pronghorn installs its own checkpointing in get_peft_model; TRL's default would replace it.
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Leave False: set checkpointing "
+                                         "with get_peft_model(use_gradient_checkpointing=...)."})
+    padding_free: bool | None = field(default=None, metadata={
+        "help": "Run each batch as one stream of real tokens (default on unless packing)."})
+    overlong: str = field(default="truncate", metadata={
+        "help": "Examples longer than max_length: 'truncate' (with a warning) or 'error'."})
     embedding_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate for embed_tokens / lm_head parameters (continued pretraining)."})
 
@@ -64,6 +71,16 @@ def _as_sft_config(args, moved: dict) -> SFTConfig:
     return args
 
 
+def _padding_free_collator(tokenizer, args: SFTConfig):
+    """Our collator flattens the batch and enforces max_length itself; TRL must then neither pad nor
+    truncate (it refuses padding_free=True with a max_length when not packing)."""
+    from pronghorn.data.padding_free import PaddingFreeCollator
+
+    collator = PaddingFreeCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+                                   overlong=args.overlong)
+    return collator, dataclasses.replace(args, padding_free=False, max_length=None, max_seq_length=None)
+
+
 class SFTTrainer(trl.SFTTrainer):
     """trl.SFTTrainer that also accepts ``tokenizer=``, ``max_seq_length=``, ``dataset_text_field=``,
     ``packing=`` as keyword arguments, checks the dataset up front, writes a loss log and loss-curve PNG,
@@ -80,6 +97,11 @@ class SFTTrainer(trl.SFTTrainer):
         skip_prepare = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
         if train_dataset is not None and not skip_prepare:
             check_sft_dataset(train_dataset, args.dataset_text_field, kwargs.get("formatting_func"))
+        if args.padding_free is None:
+            args.padding_free = not args.packing
+        if args.padding_free and not args.packing and kwargs.get("data_collator") is None \
+                and processing_class is not None and hasattr(processing_class, "pad_token_id"):
+            kwargs["data_collator"], args = _padding_free_collator(processing_class, args)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, LossLogCallback) for c in callbacks):
             callbacks.append(LossLogCallback())

@@ -12,7 +12,7 @@ TARGETS = {"lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "
 
 def _batch(vocab=512, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (2, 24), generator=g)
+    ids = torch.randint(5, vocab, (2, 12), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
