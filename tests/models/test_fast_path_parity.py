@@ -31,6 +31,7 @@ def test_every_layer_is_patched(pair):
     assert summary.get("norm", 0) >= 5 and summary.get("lm_head_loss") == 1, summary
 
 
+@pytest.mark.interpreted
 def test_first_step_loss_and_lora_grads_match(pair):
     family, ref, fast = pair
     batch = _batch()
