@@ -59,7 +59,10 @@ class FastLanguageModel:
 
         from pronghorn.quant.bnb import quantization_config
 
+        from pronghorn.versions import check_versions
+
         validate_load(max_seq_length, load_in_4bit, load_in_8bit, full_finetuning, load_in_16bit)
+        check_versions(strict=False)  # outside the tested window: a warning with the pip command that fixes it
         dtype = resolve_dtype(dtype)
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
         hub_kwargs = dict(token=token, revision=revision, trust_remote_code=trust_remote_code)
