@@ -54,6 +54,8 @@ def parse_args(argv=None):
                         "hf_peft and liger always use non-reentrant checkpointing")
     p.add_argument("--attn", choices=["sdpa", "eager"],
                    help="attn_implementation for hf_peft/liger (default: the shape's; sdpa except Gemma-2)")
+    p.add_argument("--profile", metavar="PATH",
+                   help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
     p.add_argument("--no-autocast", dest="autocast", action="store_false",
                    help="run forward without bf16 autocast (weights are bf16 either way)")
     p.add_argument("--peak-json", help="matmul peak written by `common.py peak` (else measured here)")
@@ -164,7 +166,20 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None) -> dict:
+def write_profile(step, batches, path) -> None:
+    """Two steps under torch.profiler; the per-kernel table (by device time) goes to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for ids in batches[:2]:
+            step(ids)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+    Path(path).write_text(table)
+
+
+def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
+          profile_path=None) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
 
     Warm-up steps run first and are not timed; peak memory is reset after them, so ``peak_gib`` is the
@@ -204,6 +219,8 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         timer.mark()
     _sync(device)
     elapsed = time.perf_counter() - t0
+    if profile_path and device_type == "cuda":
+        write_profile(step, batches, profile_path)
     out = dict(warm, timed_s=elapsed, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype) for p in params}))
@@ -262,7 +279,8 @@ def run(args) -> dict:
             record.update(status="warmed", **warm)
             common.write_json(args.out, record)
 
-        result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed)
+        result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed,
+                       profile_path=args.profile)
         record.update(result)
         record["ms_per_step"] = 1e3 * result["timed_s"] / args.steps
         record["tokens_per_s"] = batch_size * seq_len * args.steps / result["timed_s"]
