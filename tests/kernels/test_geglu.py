@@ -124,10 +124,10 @@ def test_mlp_forward_gemma(family):
 
 
 def test_gpu_tile_config_under_interpreter(monkeypatch):
-    import pronghorn.kernels.geglu.triton as geglu_triton
+    import pronghorn.kernels.gated_launch as gated_launch
 
-    real = geglu_triton.tile_config
-    monkeypatch.setattr(geglu_triton, "tile_config", lambda r, c, on_gpu: real(r, c, True))
+    real = gated_launch.tile_config
+    monkeypatch.setattr(gated_launch, "tile_config", lambda r, c, on_gpu: real(r, c, True))
     gate, up = _pair((5, 2100), torch.float32)
     dh = torch.randn(5, 2100, device=DEVICE)
     for approximate in APPROX:

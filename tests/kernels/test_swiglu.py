@@ -173,10 +173,10 @@ def test_activation_names_from_hf():
 
 
 def test_gpu_tile_config_under_interpreter(monkeypatch):
-    import pronghorn.kernels.swiglu.triton as swiglu_triton
+    import pronghorn.kernels.gated_launch as gated_launch
 
-    real = swiglu_triton.tile_config
-    monkeypatch.setattr(swiglu_triton, "tile_config", lambda r, c, on_gpu: real(r, c, True))
+    real = gated_launch.tile_config
+    monkeypatch.setattr(gated_launch, "tile_config", lambda r, c, on_gpu: real(r, c, True))
     gate, up = _pair((5, 2100), torch.float32)
     dh = torch.randn(5, 2100, device=DEVICE)
     for a, b in zip(_fwd_bwd(swiglu, gate, up, dh, inplace_backward=True), _fwd_bwd(swiglu_reference, gate, up, dh)):

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pronghorn.kernels.swiglu.triton import tile_config
+from pronghorn.kernels.gated_launch import launch_gated_backward, launch_gated_forward, row_tile
 
 # The constants are written inline in the kernels: Triton on GPU rejects plain module globals,
 # and the CPU interpreter mishandles tl.constexpr globals on the left of an operator.
@@ -42,9 +42,7 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr):
 @triton.jit
 def _geglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, g_stride, u_stride, h_stride,
                       APPROX_TANH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
-    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
     g = tl.load(g_ptr + rows * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if APPROX_TANH:
@@ -61,9 +59,7 @@ def _geglu_bwd_kernel(
     APPROX_TANH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dg/du may alias g/u: each element is read before it is written, by one program only.
-    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
-    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
     dh = tl.load(dh_ptr + rows * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + rows * g_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows * u_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -74,26 +70,9 @@ def _geglu_bwd_kernel(
 
 def geglu_forward(g: torch.Tensor, u: torch.Tensor, approx_tanh: bool) -> torch.Tensor:
     """``h = gelu(g) * u`` for 2-D ``g``/``u`` with unit column stride; returns a contiguous ``h``."""
-    rows, n_cols = g.shape
-    h = torch.empty((rows, n_cols), dtype=g.dtype, device=g.device)
-    if h.numel() == 0:
-        return h
-    cfg = tile_config(rows, n_cols, g.is_cuda)
-    _geglu_fwd_kernel[cfg["grid"]](
-        g, u, h, rows, n_cols, g.stride(0), u.stride(0), h.stride(0),
-        APPROX_TANH=approx_tanh, ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
-    )
-    return h
+    return launch_gated_forward(_geglu_fwd_kernel, g, u, APPROX_TANH=approx_tanh)
 
 
 def geglu_backward(dh, g, u, dg, du, approx_tanh: bool) -> None:
     """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``)."""
-    rows, n_cols = g.shape
-    if g.numel() == 0:
-        return
-    cfg = tile_config(rows, n_cols, g.is_cuda)
-    _geglu_bwd_kernel[cfg["grid"]](
-        dh, g, u, dg, du, rows, n_cols,
-        dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-        APPROX_TANH=approx_tanh, ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
-    )
+    launch_gated_backward(_geglu_bwd_kernel, dh, g, u, dg, du, APPROX_TANH=approx_tanh)
