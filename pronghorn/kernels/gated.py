@@ -9,8 +9,8 @@ where Triton is missing; the kernel pair is handed in by the op once Triton is k
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

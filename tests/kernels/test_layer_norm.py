@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pronghorn.kernels.layer_norm.function as ln_fn
-import pronghorn.kernels.rms_norm.triton as rows_triton
+from pronghorn.kernels import norm_rows
 from pronghorn.kernels.layer_norm import layer_norm
 from pronghorn.kernels.layer_norm.reference import layer_norm_reference
 from pronghorn.nn.norms import layer_norm_forward
@@ -84,7 +84,7 @@ def test_in_place_backward_reuses_gradient_buffer():
 
 
 def test_int64_specialisation_matches(monkeypatch):
-    monkeypatch.setattr(rows_triton, "offsets_need_int64", lambda *t: True)
+    monkeypatch.setattr(norm_rows, "offsets_need_int64", lambda *t: True)
     torch.manual_seed(2)
     _check(torch.randn(5, 33), torch.randn(33), torch.randn(33))
 

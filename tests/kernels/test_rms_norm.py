@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pronghorn.kernels.rms_norm.function as rms_fn
-import pronghorn.kernels.rms_norm.triton as rows_triton
+from pronghorn.kernels import norm_rows
 from pronghorn.kernels.rms_norm import rms_norm
 from pronghorn.kernels.rms_norm.reference import rms_norm_reference
 from pronghorn.nn.norms import rms_norm_forward
@@ -105,7 +105,7 @@ def test_frozen_weight_gets_no_gradient():
 
 def test_int64_specialisation_matches(monkeypatch):
     # Real >2^31-element tensors do not fit a CPU test; force the int64 code path instead.
-    monkeypatch.setattr(rows_triton, "offsets_need_int64", lambda *t: True)
+    monkeypatch.setattr(norm_rows, "offsets_need_int64", lambda *t: True)
     torch.manual_seed(4)
     _check(torch.randn(5, 33), torch.randn(33), 0.0, "llama")
 
@@ -113,8 +113,8 @@ def test_int64_specialisation_matches(monkeypatch):
 def test_int64_flag_follows_strided_extent_not_just_element_count():
     # Meta tensors carry shapes and strides without memory: a narrow slice of a huge row stride.
     sliced = torch.empty(2, 2**31, device="meta")[:, :4]
-    assert sliced.numel() == 8 and rows_triton.offsets_need_int64(sliced)
-    assert not rows_triton.offsets_need_int64(torch.empty(2, 4, device="meta"))
+    assert sliced.numel() == 8 and norm_rows.offsets_need_int64(sliced)
+    assert not norm_rows.offsets_need_int64(torch.empty(2, 4, device="meta"))
 
 
 def test_reference_fallback_when_triton_unavailable(monkeypatch):

@@ -173,7 +173,7 @@ def test_activation_names_from_hf():
 
 
 def test_gpu_tile_config_under_interpreter(monkeypatch):
-    import pronghorn.kernels.gated_launch as gated_launch
+    from pronghorn.kernels import gated_launch
 
     real = gated_launch.tile_config
     monkeypatch.setattr(gated_launch, "tile_config", lambda r, c, on_gpu: real(r, c, True))

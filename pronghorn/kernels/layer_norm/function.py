@@ -29,7 +29,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, in_place_backward):
         from pronghorn.kernels.layer_norm.triton import layer_norm_fwd
-        from pronghorn.kernels.rms_norm.triton import offsets_need_int64, rows_view
+        from pronghorn.kernels.norm_rows import offsets_need_int64, rows_view
 
         x2d = rows_view(x)
         int64 = offsets_need_int64(x2d)
@@ -44,14 +44,10 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         from pronghorn.kernels.layer_norm.triton import layer_norm_bwd
-        from pronghorn.kernels.rms_norm.triton import can_write_rows_into, offsets_need_int64, rows_view
+        from pronghorn.kernels.norm_rows import backward_rows, offsets_need_int64
 
         x2d, weight, mean, rstd = ctx.saved_tensors
-        dy2d = rows_view(dy)
-        if ctx.in_place_backward and can_write_rows_into(dy, ctx.x_shape, ctx.x_dtype):
-            dx2d = dy2d
-        else:
-            dx2d = torch.empty(x2d.shape, dtype=ctx.x_dtype, device=x2d.device)
+        dy2d, dx2d = backward_rows(dy, x2d, ctx.x_shape, ctx.x_dtype, ctx.in_place_backward)
         compute_dw = weight is not None and ctx.needs_input_grad[1]
         compute_db = ctx.has_bias and ctx.needs_input_grad[2]
         int64 = ctx.int64 or offsets_need_int64(dy2d, dx2d)
@@ -91,7 +87,7 @@ def layer_norm(
     if not use_triton(*present) or x.numel() == 0:
         return layer_norm_reference(x, weight, bias, eps)
     # Imported here: the kernel module needs triton, which use_triton has just confirmed.
-    from pronghorn.kernels.rms_norm.triton import MAX_FUSED_COLS
+    from pronghorn.kernels.norm_rows import MAX_FUSED_COLS
 
     if n > MAX_FUSED_COLS:
         return layer_norm_reference(x, weight, bias, eps)

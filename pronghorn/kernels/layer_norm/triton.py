@@ -1,6 +1,6 @@
 """Triton kernels for LayerNorm: one row per program forward, row blocks with fp32 partial sums backward.
 
-The row-layout and launch helpers are shared with RMSNorm and live in its kernel module.
+Row layout, block sizing and row splitting are shared with RMSNorm (:mod:`pronghorn.kernels.norm_rows`).
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pronghorn.kernels.rms_norm.triton import reduction_programs, row_block, warps_for_block
+from pronghorn.kernels.norm_rows import program_rows, row_block, split_rows, warps_for_block
 
 
 @triton.jit
@@ -51,11 +51,7 @@ def _layer_norm_bwd_kernel(
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if INT64:
-        row_start = pid.to(tl.int64) * rows_per_program
-    else:
-        row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    row_start, row_end = program_rows(n_rows, rows_per_program, INT64)
     for row in range(row_start, row_end):
         dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -104,9 +100,7 @@ def layer_norm_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Write ``dx`` into ``dx2d`` (which may alias ``dy2d``); return fp32 ``(dw, db)``, None where not asked."""
     n_rows, n_cols = x2d.shape
-    programs = reduction_programs(n_rows, x2d.device, per_sm=2 if (compute_dw or compute_db) else 8)
-    rows_per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, rows_per_program)
+    programs, rows_per_program = split_rows(n_rows, x2d.device, per_sm=2 if (compute_dw or compute_db) else 8)
     shape = (programs, n_cols)
     dw_partial = torch.empty(shape if compute_dw else (1,), dtype=torch.float32, device=x2d.device)
     db_partial = torch.empty(shape if compute_db else (1,), dtype=torch.float32, device=x2d.device)

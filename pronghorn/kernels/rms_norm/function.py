@@ -35,7 +35,8 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, cast_mode, in_place_backward):
-        from pronghorn.kernels.rms_norm.triton import offsets_need_int64, rms_norm_fwd, rows_view
+        from pronghorn.kernels.norm_rows import offsets_need_int64, rows_view
+        from pronghorn.kernels.rms_norm.triton import rms_norm_fwd
 
         x2d = rows_view(x)
         cast_llama = cast_mode == "llama"
@@ -51,16 +52,11 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from pronghorn.kernels.rms_norm.triton import (
-            can_write_rows_into, offsets_need_int64, rms_norm_bwd, rows_view,
-        )
+        from pronghorn.kernels.norm_rows import backward_rows, offsets_need_int64
+        from pronghorn.kernels.rms_norm.triton import rms_norm_bwd
 
         x2d, weight, rstd = ctx.saved_tensors
-        dy2d = rows_view(dy)
-        if ctx.in_place_backward and can_write_rows_into(dy, ctx.x_shape, ctx.x_dtype):
-            dx2d = dy2d
-        else:
-            dx2d = torch.empty(x2d.shape, dtype=ctx.x_dtype, device=x2d.device)
+        dy2d, dx2d = backward_rows(dy, x2d, ctx.x_shape, ctx.x_dtype, ctx.in_place_backward)
         compute_dw = ctx.needs_input_grad[1]
         int64 = ctx.int64 or offsets_need_int64(dy2d, dx2d)
         dw = rms_norm_bwd(dy2d, x2d, weight, rstd, ctx.offset, ctx.cast_llama, compute_dw, dx2d, int64)
@@ -101,7 +97,7 @@ def rms_norm(
     if not use_triton(x, weight) or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, offset, cast_mode)
     # Imported here: the kernel module needs triton, which use_triton has just confirmed.
-    from pronghorn.kernels.rms_norm.triton import MAX_FUSED_COLS
+    from pronghorn.kernels.norm_rows import MAX_FUSED_COLS
 
     if x.shape[-1] > MAX_FUSED_COLS:
         return rms_norm_reference(x, weight, eps, offset, cast_mode)

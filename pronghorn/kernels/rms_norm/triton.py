@@ -1,9 +1,10 @@
-"""Triton kernels for RMSNorm, plus the row-layout and launch helpers that the row-wise norms share.
+"""Triton kernels for RMSNorm.
 
 One program normalises one row in the forward pass (the whole row sits in registers, so the
 statistic and the output come from a single read of ``x``). The backward pass gives each program a
 contiguous block of rows and keeps a private fp32 partial sum of ``dw``; the partials are summed
-afterwards, which avoids atomics and keeps the result deterministic.
+afterwards, which avoids atomics and keeps the result deterministic. Row layout, block sizing and
+row splitting are shared with LayerNorm (:mod:`pronghorn.kernels.norm_rows`).
 """
 from __future__ import annotations
 
@@ -11,66 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pronghorn.kernels.backend import needs_int64
-
-# A row lives in registers; past this width the register file spills badly, so callers fall back.
-MAX_FUSED_COLS = 65536
-
-
-def row_block(n_cols: int) -> int:
-    return triton.next_power_of_2(max(n_cols, 1))
-
-
-def warps_for_block(block: int) -> int:
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    if block <= 16384:
-        return 16
-    return 32
-
-
-def rows_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``[rows, cols]`` with unit column stride and one row stride, copying only if it must."""
-    n = t.shape[-1]
-    if t.stride(-1) != 1 and n > 1:
-        return t.contiguous().view(-1, n)
-    # Leading dims collapse into one row stride when each (non-trivial) dim steps over the next.
-    dims = [(s, st) for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s != 1]
-    for (_, outer), (size, inner) in zip(dims, dims[1:]):
-        if outer != inner * size:
-            return t.contiguous().view(-1, n)
-    row_stride = dims[-1][1] if dims else n
-    rows = 1
-    for s, _ in dims:
-        rows *= s
-    return t.as_strided((rows, n), (row_stride, 1))
-
-
-def offsets_need_int64(*tensors: torch.Tensor) -> bool:
-    """Whether the furthest element of any tensor (by its strides, as a kernel addresses it) is past int32.
-
-    ``needs_int64`` looks at element counts; a sliced view can reach further into its storage than
-    its count suggests, so the strided extent is checked too.
-    """
-    if needs_int64(*tensors):
-        return True
-    return any(sum((s - 1) * st for s, st in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors if t.numel())
-
-
-def can_write_rows_into(buf: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> bool:
-    """Whether ``buf`` may be overwritten as an output of ``shape``/``dtype``: dense, row-major, unshared dims."""
-    return buf.dtype == dtype and buf.shape == shape and buf.is_contiguous()
-
-
-def reduction_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
-    """How many programs share the rows of a backward pass that reduces over rows."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, sms * per_sm))
-    # The interpreter runs programs one after another; a few keep the partial-sum path exercised.
-    return max(1, min(n_rows, 4))
+from pronghorn.kernels.norm_rows import program_rows, row_block, split_rows, warps_for_block
 
 
 @triton.jit
@@ -114,11 +56,7 @@ def _rms_norm_bwd_kernel(
     else:
         scale = w + offset
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if INT64:
-        row_start = pid.to(tl.int64) * rows_per_program
-    else:
-        row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    row_start, row_end = program_rows(n_rows, rows_per_program, INT64)
     for row in range(row_start, row_end):
         dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -158,9 +96,7 @@ def rms_norm_bwd(
 ) -> torch.Tensor | None:
     """Write ``dx`` into ``dx2d`` (which may alias ``dy2d``) and return ``dw`` (fp32) or None."""
     n_rows, n_cols = x2d.shape
-    programs = reduction_programs(n_rows, x2d.device, per_sm=2 if compute_dw else 8)
-    rows_per_program = triton.cdiv(n_rows, programs)
-    programs = triton.cdiv(n_rows, rows_per_program)
+    programs, rows_per_program = split_rows(n_rows, x2d.device, per_sm=2 if compute_dw else 8)
     partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2d.device)
     block = row_block(n_cols)
     _rms_norm_bwd_kernel[(programs,)](
