@@ -72,13 +72,28 @@ def _registry_ollama_template(name: str) -> tuple[str, list[str], dict]:
 def ollama_pieces_for(tokenizer, chat_template: str | None = None) -> tuple[str, list[str], dict]:
     """``(TEMPLATE, stops, params)`` for the tokenizer's chat template (or the registered ``chat_template``).
 
+    Args:
+        tokenizer: the tokenizer used in training; its chat template picks the registry entry, and its EOS
+            text is written into templates of formats that end turns with the tokenizer's own EOS
+            (alpaca, vicuna, zephyr).
+        chat_template: a registered template name, overriding detection from the tokenizer.
+
     Raises a clear error when the tokenizer's template is not a registered one: an Ollama template
     cannot be derived from arbitrary Jinja, and a wrong one would silently change the prompt format.
     """
+    from pronghorn.data.templates import OLLAMA_EOS
+
     name = chat_template or chat_template_name(tokenizer)
     if name is None:
         raise ValueError("the tokenizer's chat template is not one of pronghorn's registered templates, so no "
                          "matching Ollama TEMPLATE is known. Pass chat_template='<name>' (see "
                          "pronghorn.data.list_chat_templates()), or write_modelfile(...) with your own template, "
                          "or ollama=False to skip the Modelfile")
-    return _registry_ollama_template(name)
+    template, stops, params = _registry_ollama_template(name)
+    if OLLAMA_EOS in template:
+        eos = getattr(tokenizer, "eos_token", None)
+        if not eos:
+            raise ValueError(f"chat template {name!r} ends assistant turns with the tokenizer's EOS, but the "
+                             "tokenizer has no eos_token; set tokenizer.eos_token to the text that ends a turn")
+        template = template.replace(OLLAMA_EOS, eos)
+    return template, stops, params

@@ -3,6 +3,7 @@
 These end an assistant turn with the tokenizer's own EOS (``eos_token`` in the template), so their
 registry entries leave ``eos_token`` unset: the tokenizer keeps its EOS.
 """
+from pronghorn.data.templates import OLLAMA_EOS
 
 ALPACA_SYSTEM = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -57,37 +58,42 @@ ZEPHYR = r"""
 {%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}
 """.strip()
 
+# Ollama has no variable for the EOS token, so these templates write a placeholder that the export layer
+# replaces with the tokenizer's EOS text (pronghorn.export.ollama.ollama_pieces_for).
 _OLLAMA_ALPACA = """\
-{{ if .System }}{{ .System }}{{ else }}""" + ALPACA_SYSTEM + """{{ end }}
+{{ if .System }}{{ .System }}
 
+{{ else }}""" + ALPACA_SYSTEM + """
+
+{{ end }}
 {{- range $i, $_ := .Messages }}
-{{- if eq .Role "user" }}
-
-### Instruction:
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}### Instruction:
 {{ .Content }}
-{{- else if eq .Role "assistant" }}
 
-### Response:
-{{ .Content }}
-{{- end }}
-{{- end }}
+{{ if $last }}### Response:
+{{ end }}
+{{- else if eq .Role "assistant" }}### Response:
+{{ .Content }}{{ if not $last }}""" + OLLAMA_EOS + """
 
-### Response:
-"""
+{{ end }}
+{{- end }}
+{{- end }}"""
 
 _OLLAMA_VICUNA = """\
-{{ if .System }}{{ .System }}{{ else }}""" + VICUNA_SYSTEM + """{{ end }}
-{{- range .Messages }}
-{{- if eq .Role "user" }} USER: {{ .Content }}
-{{- else if eq .Role "assistant" }} ASSISTANT: {{ .Content }}</s>
+{{ if .System }}{{ .System }} {{ else }}""" + VICUNA_SYSTEM + """ {{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}USER: {{ .Content }} {{ if $last }}ASSISTANT:{{ end }}
+{{- else if eq .Role "assistant" }}ASSISTANT: {{ .Content }}{{ if not $last }}""" + OLLAMA_EOS + """{{ end }}
 {{- end }}
-{{- end }} ASSISTANT:"""
+{{- end }}"""
 
 _OLLAMA_ZEPHYR = """\
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 -}}
 <|{{ .Role }}|>
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}</s>
+{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}""" + OLLAMA_EOS + """
 {{ end }}
 {{- if and $last (ne .Role "assistant") }}<|assistant|>
 {{ end }}

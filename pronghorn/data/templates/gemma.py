@@ -58,16 +58,23 @@ GEMMA = (r"""
 {%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}
 """).strip()
 
-# Gemma 1 and 2 use the same turn format as Gemma 3 (text only); one template serves all three.
+# Gemma 1 and 2 use the same turn format as Gemma 3 (text only); one template serves all three. A leading
+# system message is folded into the next turn, as the Jinja template does.
 _OLLAMA_GEMMA = """\
+{{- $fold := "" }}
+{{- if and .Messages (eq (index .Messages 0).Role "system") }}{{ $fold = (index .Messages 0).Content }}{{ end }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
-{{ .Content }}<end_of_turn>
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if and $fold (eq $i 1) }}{{ $fold }}
+
+{{ end }}{{ .Content }}<end_of_turn>
 {{ if $last }}<start_of_turn>model
 {{ end }}
 {{- else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ if and $fold (eq $i 1) }}{{ $fold }}
+
+{{ end }}{{ .Content }}{{ if not $last }}<end_of_turn>
 {{ end }}
 {{- else if eq .Role "tool" }}<start_of_turn>user
 ```tool_output

@@ -85,11 +85,13 @@ _OLLAMA_LLAMA3 = """\
 {{ end }}
 {{- end }}"""
 
+# The date line is the Jinja template's default, so Ollama prompts match what the model was tuned on.
 _OLLAMA_LLAMA31 = """\
 <|start_header_id|>system<|end_header_id|>
 
 {{ if .Tools }}Environment: ipython
 {{ end }}Cutting Knowledge Date: December 2023
+Today Date: 26 Jul 2024
 
 {{ if .System }}{{ .System }}{{ end }}<|eot_id|>
 {{- range $i, $_ := .Messages }}

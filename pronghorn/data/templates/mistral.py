@@ -67,11 +67,16 @@ MISTRAL_V3 = _mistral_jinja("[INST] ", "[/INST]", " ", system_last=True, tools=T
 MISTRAL_TEKKEN = _mistral_jinja("[INST]", "[/INST]", "", system_last=True, tools=True, sp="")
 
 
-def _ollama(inst_open: str, inst_close: str, lead: str) -> str:
+def _ollama(inst_open: str, inst_close: str, lead: str, system_last: bool) -> str:
+    """The Ollama form of one variant: the system text goes into the first (v1) or last (v3, Tekken) user turn."""
+    pick = """{{- if eq .Role "user" }}{{ $sysTurn = $i }}{{ end }}""" if system_last else (
+        """{{- if and (eq .Role "user") (lt $sysTurn 0) }}{{ $sysTurn = $i }}{{ end }}""")
     return ("""\
+{{- $sysTurn := -1 }}
+{{- range $i, $_ := .Messages }}""" + pick + """{{ end }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}""" + inst_open + """{{ if and $last $.System }}{{ $.System }}
+{{- if eq .Role "user" }}""" + inst_open + """{{ if and $.System (eq $i $sysTurn) }}{{ $.System }}
 
 {{ end }}{{ .Content }}""" + inst_close + """
 {{- else if eq .Role "assistant" }}""" + lead + """{{ .Content }}{{ if not $last }}</s>{{ end }}
@@ -84,13 +89,13 @@ _MISTRAL_PARTS = dict(eos_token="</s>", end_part="</s>", stop_tokens=("</s>", "[
                       other_parts=("[AVAILABLE_TOOLS]", "[TOOL_RESULTS]"), other_response_parts=("[/TOOL_RESULTS]",))
 
 SPECS = (
-    dict(name="mistral-v1", jinja=MISTRAL_V1, ollama_template=_ollama("[INST] ", " [/INST]", ""),
+    dict(name="mistral-v1", jinja=MISTRAL_V1, ollama_template=_ollama("[INST] ", " [/INST]", "", system_last=False),
          ollama_params={"temperature": 0.7}, aliases=("mistral-v2", "mistral-7b-v0.1", "mistral-7b-v0.2"),
          source="mistralai/Mistral-7B-Instruct-v0.2 chat_template", **_MISTRAL_PARTS),
-    dict(name="mistral-v3", jinja=MISTRAL_V3, ollama_template=_ollama("[INST] ", "[/INST]", " "),
+    dict(name="mistral-v3", jinja=MISTRAL_V3, ollama_template=_ollama("[INST] ", "[/INST]", " ", system_last=True),
          ollama_params={"temperature": 0.7}, tool_format="mistral", aliases=("mistral", "mistral-7b-v0.3"),
          source="mistralai/Mistral-7B-Instruct-v0.3 chat_template (v3 tokenizer format)", **_MISTRAL_PARTS),
-    dict(name="mistral-tekken", jinja=MISTRAL_TEKKEN, ollama_template=_ollama("[INST]", "[/INST]", ""),
+    dict(name="mistral-tekken", jinja=MISTRAL_TEKKEN, ollama_template=_ollama("[INST]", "[/INST]", "", system_last=True),
          ollama_params={"temperature": 0.3}, tool_format="mistral",
          aliases=("mistral-nemo", "tekken", "mistral-v7-tekken"),
          source="mistralai/Mistral-Nemo-Instruct-2407 chat_template (Tekken tokenizer format)", **_MISTRAL_PARTS),

@@ -130,12 +130,29 @@ _OLLAMA_CHATML = """\
 {{ end }}
 {{- end }}"""
 
-_OLLAMA_QWEN = """\
-{{- if or .System .Tools }}<|im_start|>system
-{{ if .System }}{{ .System }}{{ else }}You are Qwen, created by Alibaba Cloud. You are a helpful assistant.{{ end }}
-{{- if .Tools }}
+_QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-# Tools
+
+def _ollama_qwen(qwen3: bool) -> str:
+    """Ollama form of Qwen2.5 (always a system turn, with a default text) or Qwen3 (a system turn only when
+    there is a system message or tools; the assistant turns after the last user query carry a think block,
+    an empty one when the turn has no reasoning and is the last)."""
+    if qwen3:
+        system_open = ("{{- if or .System .Tools }}<|im_start|>system\n"
+                       "{{ if .System }}{{ .System }}{{ if .Tools }}\n\n{{ end }}{{ end }}")
+        system_close = "<|im_end|>\n{{ end }}"
+        tools_lead = ""
+    else:
+        system_open = ("<|im_start|>system\n{{ if .System }}{{ .System }}{{ else }}" + _QWEN25_DEFAULT_SYSTEM
+                       + "{{ end }}")
+        system_close = "<|im_end|>\n"
+        tools_lead = "\n\n"
+    think = ("""{{ if and (gt $i $lastQuery) (or $last .Thinking) }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}""" if qwen3 else "")
+    return (system_open + """{{- if .Tools }}""" + tools_lead + """# Tools
 
 You may call one or more functions to assist with the user query.
 
@@ -150,14 +167,14 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {"name": <function-name>, "arguments": <args-json-object>}
 </tool_call>
-{{- end }}<|im_end|>
-{{ end }}
+{{- end }}""" + system_close + """{{ $lastQuery := -1 }}
+{{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}{{ $lastQuery = $i }}{{ end }}{{ end }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 -}}
 {{- if eq .Role "user" }}<|im_start|>user
 {{ .Content }}<|im_end|>
 {{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ if .Content }}{{ .Content }}
+""" + think + """{{ if .Content }}{{ .Content }}
 {{- else if .ToolCalls }}{{ range .ToolCalls }}<tool_call>
 {"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
 </tool_call>{{ end }}
@@ -170,7 +187,8 @@ For each function call, return a json object with function name and arguments wi
 {{ end }}
 {{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
 {{ end }}
-{{- end }}"""
+{{- end }}""")
+
 
 _CHATML_PARTS = dict(
     eos_token="<|im_end|>", stop_tokens=("<|im_end|>", "<|im_start|>"), end_part="<|im_end|>",
@@ -183,13 +201,11 @@ SPECS = (
          ollama_params={"temperature": 0.7, "top_p": 0.9}, aliases=("chat-ml",),
          source="ChatML as used by OpenAI/Qwen/OpenHermes: <|im_start|>{role}\\n{content}<|im_end|>\\n",
          **_CHATML_PARTS),
-    dict(name="qwen-2.5", jinja=QWEN25, ollama_template=_OLLAMA_QWEN, tool_format="hermes",
+    dict(name="qwen-2.5", jinja=QWEN25, ollama_template=_ollama_qwen(qwen3=False), tool_format="hermes",
          ollama_params={"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repeat_penalty": 1.05},
          aliases=("qwen2.5", "qwen-2", "qwen2", "qwen25", "qwen-2.5-coder"),
          source="Qwen/Qwen2.5-7B-Instruct tokenizer_config.json chat_template", **_CHATML_PARTS),
-    dict(name="qwen-3", jinja=QWEN3, ollama_template=_OLLAMA_QWEN.replace(
-        "{{ if .System }}{{ .System }}{{ else }}You are Qwen, created by Alibaba Cloud. You are a helpful "
-        "assistant.{{ end }}", "{{ .System }}"), tool_format="hermes",
+    dict(name="qwen-3", jinja=QWEN3, ollama_template=_ollama_qwen(qwen3=True), tool_format="hermes",
          ollama_params={"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
          aliases=("qwen3", "qwen-3-thinking"),
          source="Qwen/Qwen3-8B tokenizer_config.json chat_template", **_CHATML_PARTS),
