@@ -1,5 +1,6 @@
-"""Shared pieces of the end-to-end benchmarks: model shapes, random-init checkpoints, FLOP counts,
-the measured matmul peak, and the environment record every result carries.
+"""Shared pieces of the benchmarks: model shapes, random-init checkpoints, FLOP counts, the measured
+matmul peak, timing and peak-memory helpers, table cells, and the environment record every result
+carries.
 
 Importing this module imports only torch and the standard library: transformers is imported inside
 the functions that need it, because Unsloth must be imported before transformers in its own run.
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -282,6 +284,75 @@ def measure_matmul_tflops(n: int = 8192, repeats: int = 10, warmup: int = 3, dev
 
 
 # ---------------------------------------------------------------------------------------------
+# Timing, memory and table cells shared by the benchmark scripts
+# ---------------------------------------------------------------------------------------------
+
+def _on_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def sync(device) -> None:
+    """Wait for the GPU's queued work (nothing to wait for off CUDA); ``device`` is a str or torch.device."""
+    if _on_cuda(device):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, warmup: int, iters: int) -> float:
+    """Mean milliseconds per call of ``fn`` after ``warmup`` calls (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if _on_cuda(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def peak_mib(fn, device) -> float | None:
+    """Memory allocated by one call of ``fn`` at its peak, above what was allocated before (MiB); None off CUDA."""
+    if not _on_cuda(device):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_gib(device) -> float | None:
+    """The CUDA allocator's peak since its last reset (GiB); None off CUDA."""
+    return torch.cuda.max_memory_allocated() / 2**30 if _on_cuda(device) else None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is the accelerator running out of memory (an expected outcome, not a bug)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def failure_fields(exc: BaseException, error_chars: int = 1500, traceback_chars: int = 3000) -> dict:
+    """What a trial record says about the exception ``exc`` that ended it, called inside its ``except``:
+    status ``"oom"`` or ``"failed"``, and the ends of its repr and traceback."""
+    return dict(status="oom" if is_oom(exc) else "failed", error=repr(exc)[-error_chars:],
+                traceback=traceback.format_exc()[-traceback_chars:])
+
+
+def fmt_cell(value, spec: str) -> str:
+    """``value`` formatted with ``spec`` (e.g. ``"9.3f"``), or a right-aligned '-' of the same width for None."""
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------------
 # Environment record
 # ---------------------------------------------------------------------------------------------
 
@@ -322,6 +393,13 @@ def git_commit(default: str | None = None) -> str:
 
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def envelope(device=None, **fields) -> dict:
+    """A result record: when, where (``device``, default CUDA when present) and with what it was measured,
+    then ``fields``."""
+    return dict(date=now_utc(), device=device_name(None if device is None else str(device).split(":")[0]),
+                versions=package_versions(), commit=git_commit(), **fields)
 
 
 def write_json(path, obj) -> None:

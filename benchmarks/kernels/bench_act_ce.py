@@ -39,43 +39,6 @@ FULL = {"act_tokens": 8192, "intermediate": 14336, "ce_tokens": 4096, "hidden": 
 SMOKE = {"act_tokens": 64, "intermediate": 300, "ce_tokens": 40, "hidden": 16, "vocab": 1000}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, warmup: int, iters: int) -> float:
-    """Mean milliseconds per call of ``fn`` after ``warmup`` calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / iters
-
-
-def peak_mib(fn, device) -> float | None:
-    """Memory allocated by one call of ``fn`` at its peak, above what was allocated before (MiB)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def _compiled(fn, enabled: bool):
     return torch.compile(fn, dynamic=False) if enabled else None
 
@@ -110,13 +73,13 @@ def bench_activation(name, ours, reference, hf_eager, shape, device, args) -> li
         row = {"op": name, "impl": impl, "shape": [tokens, inter], "dtype": str(dtype)}
         try:
             if impl != "reference_compile":  # a no-grad call would be one more compilation
-                row["fwd_ms"] = time_ms(fwd, device, args.warmup, args.iters)
-            row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.warmup, args.iters)
+                row["fwd_ms"] = common.time_ms(fwd, device, args.warmup, args.iters)
+            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, device, args.warmup, args.iters)
         except RuntimeError as exc:  # a reference that fails to compile is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             continue
-        row["peak_mib"] = peak_mib(fwd_bwd, device)
+        row["peak_mib"] = common.peak_mib(fwd_bwd, device)
         if "fwd_ms" in row:
             row["fwd_gbps"] = fwd_bytes / row["fwd_ms"] / 1e6
         row["fwd_bwd_gbps"] = (fwd_bytes + bwd_bytes) / row["fwd_bwd_ms"] / 1e6
@@ -157,23 +120,18 @@ def bench_cross_entropy(shape, device, args, train_weight: bool) -> list[dict]:
                    "shape": [tokens, hid, vocab], "dtype": str(dtype)}
         try:
             row["loss_minus_reference"] = fwd_bwd().item() - want
-            row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.warmup, args.iters)
+            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, device, args.warmup, args.iters)
         except RuntimeError as exc:  # e.g. the materialised reference running out of memory
             row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             continue
-        row["peak_mib"] = peak_mib(fwd_bwd, device)
+        row["peak_mib"] = common.peak_mib(fwd_bwd, device)
         row["tflops"] = flops / row["fwd_bwd_ms"] / 1e9
         rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------------------------------ report
-
-
-def _fmt(v, spec):
-    width = int(spec.split(".")[0])
-    return f"{'-':>{width}}" if v is None else format(v, spec)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -188,9 +146,10 @@ def print_table(rows: list[dict]) -> None:
             continue
         base = eager.get((r["op"], r.get("lm_head")))
         speedup = base / r["fwd_bwd_ms"] if base else None
-        print(f"{r['op']:<22}{r['impl']:<19}{r.get('lm_head', ''):<10}{_fmt(r.get('fwd_ms'), '9.3f')}"
-              f"{_fmt(r['fwd_bwd_ms'], '12.3f')}{_fmt(speedup, '9.2f')}{_fmt(r['peak_mib'], '10.0f')}"
-              f"{_fmt(r.get('fwd_bwd_gbps'), '8.0f')}{_fmt(r.get('tflops'), '9.0f')}")
+        cell = common.fmt_cell
+        print(f"{r['op']:<22}{r['impl']:<19}{r.get('lm_head', ''):<10}{cell(r.get('fwd_ms'), '9.3f')}"
+              f"{cell(r['fwd_bwd_ms'], '12.3f')}{cell(speedup, '9.2f')}{cell(r['peak_mib'], '10.0f')}"
+              f"{cell(r.get('fwd_bwd_gbps'), '8.0f')}{cell(r.get('tflops'), '9.0f')}")
 
 
 def main(argv=None) -> int:
@@ -218,11 +177,10 @@ def main(argv=None) -> int:
 
     print(f"device: {common.device_name(device.type)}   elapsed: {elapsed:.1f}s")
     print_table(rows)
-    common.write_json(args.out, {
-        "benchmark": "act_ce", "date": common.now_utc(), "device": common.device_name(device.type),
-        "versions": common.package_versions(), "commit": common.git_commit(), "smoke": args.smoke,
-        "warmup": args.warmup, "iters": args.iters, "elapsed_s": elapsed, "rows": rows,
-    })
+    common.write_json(args.out, common.envelope(
+        device.type, benchmark="act_ce", smoke=args.smoke, warmup=args.warmup, iters=args.iters,
+        elapsed_s=elapsed, rows=rows,
+    ))
     print(f"wrote {args.out}")
     return 0
 

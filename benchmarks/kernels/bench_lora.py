@@ -105,29 +105,6 @@ def _parts(m):
     return tuple(lora_parts(m))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, warmup, iters) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / iters
-
-
 def memory_mib(forward, device) -> tuple[float | None, float | None]:
     """(memory held after forward = saved for backward + outputs, peak during forward+backward), MiB."""
     if device.type != "cuda":
@@ -188,7 +165,7 @@ def bench_blocks(mode, s, device, args) -> list[dict]:
 
             row = dict(block=block, base=mode, impl=impl, tokens=s["batch"] * s["seq"], hidden=s["hidden"],
                        intermediate=s["intermediate"], r=s["r"])
-            row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.warmup, args.iters)
+            row["fwd_bwd_ms"] = common.time_ms(fwd_bwd, device, args.warmup, args.iters)
             saved, peak = memory_mib(forward, device)
             x.grad = None
             for p in params:
@@ -212,15 +189,10 @@ def bench_dequant(s, device, args) -> list[dict]:
                  "bitsandbytes": lambda: bnb_f.dequantize_4bit(packed, state),
                  "reference": lambda: dequantize_nf4_reference(packed, state)}
         for impl, fn in impls.items():
-            ms = time_ms(fn, device, args.warmup, args.iters)
+            ms = common.time_ms(fn, device, args.warmup, args.iters)
             rows.append(dict(block="dequant_nf4", impl=impl, shape=list(shape), dtype="bfloat16", ms=ms,
                              gbps=nbytes / ms / 1e6, bit_exact_vs_bnb=bool(torch.equal(fn(), want))))
     return rows
-
-
-def _fmt(v, spec):
-    width = int(spec.split(".")[0])
-    return f"{'-':>{width}}" if v is None else format(v, spec)
 
 
 def print_table(rows) -> None:
@@ -232,7 +204,7 @@ def print_table(rows) -> None:
             continue
         speed = eager[(r["block"], r["base"])] / r["fwd_bwd_ms"]
         print(f"{r['block']:<8}{r['base']:<6}{r['impl']:<12}{r['fwd_bwd_ms']:12.3f}{speed:8.2f}"
-              f"{_fmt(r['saved_mib'], '11.0f')}{_fmt(r['peak_mib'], '10.0f')}")
+              f"{common.fmt_cell(r['saved_mib'], '11.0f')}{common.fmt_cell(r['peak_mib'], '10.0f')}")
     head = f"{'dequant shape':<16}{'impl':<14}{'ms':>9}{'GB/s':>9}  bit-exact vs bnb"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -262,10 +234,9 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - started
     print(f"device: {common.device_name(device.type)}   elapsed: {elapsed:.1f}s")
     print_table(rows)
-    common.write_json(args.out, dict(
-        benchmark="lora", date=common.now_utc(), device=common.device_name(device.type),
-        versions=common.package_versions(), commit=common.git_commit(), smoke=args.smoke, shapes=s,
-        warmup=args.warmup, iters=args.iters, elapsed_s=elapsed, rows=rows,
+    common.write_json(args.out, common.envelope(
+        device.type, benchmark="lora", smoke=args.smoke, shapes=s, warmup=args.warmup, iters=args.iters,
+        elapsed_s=elapsed, rows=rows,
     ))
     print(f"wrote {args.out}")
     return 0

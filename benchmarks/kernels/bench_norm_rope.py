@@ -12,16 +12,15 @@ The references are the same ones the parity tests use.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import torch  # noqa: E402
 
 
@@ -186,22 +185,12 @@ def main(argv=None) -> int:
             f"{r['op']:<11}{'x'.join(map(str, r['shape'])):<24}{r['impl']:<10}{r['fwd_ms']:>9.3f}"
             f"{r['fwd_gbps']:>10.0f}{r['fwd_bwd_ms']:>9.3f}{r['fwd_bwd_gbps']:>10.0f}{r['max_abs_err_vs_eager']:>10.2e}"
         )
-    import triton
-    import transformers
-
-    report = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
-        versions=dict(
-            python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-            transformers=transformers.__version__, cuda=torch.version.cuda,
-        ),
-        smoke=args.smoke, compiled=not args.no_compile, seconds=round(time.perf_counter() - started, 1),
+    report = common.envelope(
+        device, smoke=args.smoke, compiled=not args.no_compile, seconds=round(time.perf_counter() - started, 1),
         bytes_note="minimal bytes: norms fwd 2*numel, fwd+bwd 5*numel; rope fwd 2*(q+k)+cos+sin, fwd+bwd twice that",
         results=rows,
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    common.write_json(args.out, report)
     print(f"wrote {args.out} ({report['seconds']} s)")
     return 0
 

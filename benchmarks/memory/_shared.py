@@ -1,6 +1,6 @@
 """Pieces shared by the memory benchmarks: loaders (reused from ``benchmarks/train_throughput.py``),
-the checkpoint on /dev/shm, a subprocess runner that turns an out-of-memory crash into a record,
-and the result envelope (date, device, versions, commit).
+the checkpoint on /dev/shm, and a subprocess runner that turns an out-of-memory crash into a record.
+Timing, peak memory and the result envelope come from ``benchmarks/common.py`` (``_shared.common``).
 
 Importing this module imports torch and the standard library only: Unsloth must be imported
 before transformers in its own process, so transformers is imported inside the loaders.
@@ -50,12 +50,6 @@ def load(config: str, mode: str, model_dir: Path, seq_len: int, device: str, gc:
     raise ValueError(f"unknown framework {config!r}; use hf_peft, unsloth or pronghorn")
 
 
-def envelope(**fields) -> dict:
-    """Every result carries when, where and with what it was measured."""
-    return dict(date=common.now_utc(), device=common.device_name(), versions=common.package_versions(),
-                commit=common.git_commit(), **fields)
-
-
 def run_child(argv: list[str], out_json: Path, timeout_s: float) -> dict:
     """Run ``python argv`` in a fresh process; return the JSON it wrote, or why it wrote none."""
     t0 = time.perf_counter()
@@ -75,16 +69,3 @@ def run_child(argv: list[str], out_json: Path, timeout_s: float) -> dict:
         record = {"status": "oom" if oom else "failed", "process": status, "log_tail": tail}
     record["wall_s"] = wall
     return record
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def peak_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None

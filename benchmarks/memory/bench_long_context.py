@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ CONFIGS = ["pronghorn", "pronghorn_tiled", "unsloth", "hf_peft"]
 def trial(args) -> dict:
     """One length, one configuration, in this process."""
     shape = _shared.common.get_shape(args.shape)
-    rec = _shared.envelope(benchmark="long_context_trial", config=args.config, mode=args.mode, seq_len=args.seq,
+    rec = _shared.common.envelope(benchmark="long_context_trial", config=args.config, mode=args.mode, seq_len=args.seq,
                            status="started")
     _shared.common.write_json(args.out, rec)
     try:
@@ -56,15 +55,14 @@ def trial(args) -> dict:
             opt.zero_grad(set_to_none=True)
 
         step()
-        _shared.sync(args.device)
+        _shared.common.sync(args.device)
         t0 = time.perf_counter()
         step()
-        _shared.sync(args.device)
+        _shared.common.sync(args.device)
         dt = time.perf_counter() - t0
-        rec.update(status="ok", step_s=dt, tokens_per_s=args.seq / dt, peak_gib=_shared.peak_gib(args.device))
+        rec.update(status="ok", step_s=dt, tokens_per_s=args.seq / dt, peak_gib=_shared.common.peak_gib(args.device))
     except Exception as e:  # an OOM is the expected end of the search
-        rec.update(status="oom" if _shared.is_oom(e) else "failed", error=repr(e)[-1500:],
-                   traceback=traceback.format_exc()[-3000:])
+        rec.update(_shared.common.failure_fields(e))
     _shared.common.write_json(args.out, rec)
     return rec
 
@@ -133,7 +131,7 @@ def main(argv=None) -> int:
     for mode in args.modes:
         for config in args.configs:
             results.append(search(args, config, mode, model_dir))
-            _shared.common.write_json(args.out, _shared.envelope(benchmark="long_context", shape=args.shape,
+            _shared.common.write_json(args.out, _shared.common.envelope(benchmark="long_context", shape=args.shape,
                                                                  batch_size=1, results=results))
     for r in results:
         print(f"{r['config']:16s} {r['mode']:5s} max_seq_len={r['max_seq_len']} tokens/s={r['tokens_per_s_at_max']}")

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ def trial(args) -> dict:
     from pronghorn.memory import enable_gradient_checkpointing
 
     shape = _shared.common.get_shape(args.shape)
-    rec = _shared.envelope(benchmark="offload_trial", checkpointing=args.mode, seq_len=args.seq, status="started")
+    rec = _shared.common.envelope(benchmark="offload_trial", checkpointing=args.mode, seq_len=args.seq, status="started")
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
                                                      device_map={"": args.device})
@@ -68,22 +67,21 @@ def trial(args) -> dict:
             opt.zero_grad(set_to_none=True)
 
         step()
-        _shared.sync(args.device)
+        _shared.common.sync(args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
             step()
-            _shared.sync(args.device)
+            _shared.common.sync(args.device)
             times.append(time.perf_counter() - t0)
         cfg = base.config
         rec.update(status="ok", step_s=min(times), step_s_all=times, tokens_per_s=args.seq / min(times),
-                   peak_gib=_shared.peak_gib(args.device),
+                   peak_gib=_shared.common.peak_gib(args.device),
                    layer_inputs_gib=cfg.num_hidden_layers * args.seq * cfg.hidden_size * 2 / 2**30)
     except Exception as e:
-        rec.update(status="oom" if _shared.is_oom(e) else "failed", error=repr(e)[-1500:],
-                   traceback=traceback.format_exc()[-3000:])
+        rec.update(_shared.common.failure_fields(e))
     _shared.common.write_json(args.out, rec)
     return rec
 
@@ -119,7 +117,7 @@ def main(argv=None) -> int:
             results.append(rec)
             print(json.dumps({k: rec.get(k) for k in ("checkpointing", "seq_len", "status", "peak_gib", "step_s")}),
                   flush=True)
-            _shared.common.write_json(args.out, _shared.envelope(benchmark="offload", shape=args.shape,
+            _shared.common.write_json(args.out, _shared.common.envelope(benchmark="offload", shape=args.shape,
                                                                  results=results))
     return 0
 

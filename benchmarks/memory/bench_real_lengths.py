@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -86,7 +85,7 @@ def batches_for(config: str, examples: list[dict], batch_size: int, max_len: int
 
 def run_one(args) -> dict:
     shape = _shared.common.get_shape(args.shape)
-    record = _shared.envelope(benchmark="real_lengths", config=args.config, shape=shape.name, mode=args.mode,
+    record = _shared.common.envelope(benchmark="real_lengths", config=args.config, shape=shape.name, mode=args.mode,
                               batch_size=args.batch_size, max_seq_length=args.max_seq_length, status="started")
     try:
         framework = args.config.split("_")[0]
@@ -119,14 +118,14 @@ def run_one(args) -> dict:
 
         for kw, _ in batches[: args.warmup]:
             step(kw)
-        _shared.sync(args.device)
+        _shared.common.sync(args.device)
         if dev_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         timed = batches[args.warmup : args.warmup + args.steps]
         t0 = time.perf_counter()
         for kw, _ in timed:
             step(kw)
-        _shared.sync(args.device)
+        _shared.common.sync(args.device)
         elapsed = time.perf_counter() - t0
         real = sum(n for _, n in timed)
         computed = sum(int(kw["input_ids"].numel()) for kw, _ in timed)
@@ -137,10 +136,9 @@ def run_one(args) -> dict:
         record.update(status="ok", timed_steps=len(timed), timed_s=elapsed, real_tokens=real,
                       computed_positions=computed, pad_fraction=1 - real / computed, real_tokens_per_s=tps,
                       epoch_estimate_h=dataset_tokens / tps / 3600, epoch_dataset_tokens=dataset_tokens,
-                      peak_gib=_shared.peak_gib(args.device))
+                      peak_gib=_shared.common.peak_gib(args.device))
     except Exception as e:  # recorded, not raised: the driver collects every configuration
-        record.update(status="oom" if _shared.is_oom(e) else "failed", error=repr(e)[-2000:],
-                      traceback=traceback.format_exc()[-4000:])
+        record.update(_shared.common.failure_fields(e, 2000, 4000))
     _shared.common.write_json(args.out, record)
     return record
 
@@ -180,7 +178,7 @@ def main(argv=None) -> int:
         results.append(rec)
         print(json.dumps({k: rec.get(k) for k in ("config", "status", "real_tokens_per_s", "epoch_estimate_h",
                                                   "peak_gib", "process")}), flush=True)
-        _shared.common.write_json(args.out, _shared.envelope(benchmark="real_lengths", results=results))
+        _shared.common.write_json(args.out, _shared.common.envelope(benchmark="real_lengths", results=results))
     return 0
 
 
