@@ -128,19 +128,34 @@ def lora_delta(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tens
     if adapter in getattr(layer, "lora_A", {}):
         a = layer.lora_A[adapter].weight.detach().float()
         b = layer.lora_B[adapter].weight.detach().float()
+        bias = layer.lora_B[adapter].bias
+        bias_delta = bias.detach().float() * scaling if bias is not None else None
         if a.dim() != 2:
-            raise NotImplementedError(f"LoRA on {type(layer.get_base_layer()).__name__} layers cannot be merged "
-                                      "for export yet; only Linear and Embedding layers are supported")
+            return _conv_delta(layer, a, b, scaling), bias_delta
         delta = (b.to(a.device) @ a) * scaling
         if getattr(layer, "fan_in_fan_out", False):
             delta = delta.T
-        bias = layer.lora_B[adapter].bias
-        return delta, (bias.detach().float() * scaling if bias is not None else None)
+        return delta, bias_delta
     if adapter in getattr(layer, "lora_embedding_A", {}):
         a = layer.lora_embedding_A[adapter].detach().float()   # (r, num_embeddings)
         b = layer.lora_embedding_B[adapter].detach().float()   # (embedding_dim, r)
         return (b.to(a.device) @ a).T * scaling, None
     raise NotImplementedError(f"adapter {adapter!r} has no LoRA matrices on {type(layer).__name__}")
+
+
+def _conv_delta(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA delta of a Conv2d/Conv3d layer (e.g. a vision patch embedding), shaped like its kernel.
+
+    PEFT's conv LoRA is ``B(A(x))`` with A a conv of the base kernel size and B a 1x1 conv, so the
+    merged kernel is ``B @ A`` over the flattened (in, *kernel) axis.
+    """
+    base = layer.get_base_layer()
+    if any(k != 1 for k in b.shape[2:]) or getattr(base, "groups", 1) != 1:
+        raise NotImplementedError(f"LoRA on {type(base).__name__} with a {tuple(b.shape[2:])} lora_B kernel or "
+                                  f"groups={getattr(base, 'groups', 1)} cannot be merged for export; only the "
+                                  "standard PEFT conv LoRA (1x1 lora_B, groups=1) is supported")
+    delta = b.flatten(1).to(a.device) @ a.flatten(1)
+    return delta.reshape(weight_shape(base)) * scaling
 
 
 def _merged_loader(layer: nn.Module, adapters: list[str], which: str) -> Callable[[], torch.Tensor]:

@@ -18,6 +18,7 @@ from pronghorn.export.atomic import atomic_output_dir, parse_size
 from pronghorn.export.merge import MergePlan, materialize, plan_merge, unwrap_base_model
 from pronghorn.export.model_card import build_model_card
 from pronghorn.export.shards import ShardWriter
+from pronghorn.export.vlm import is_vision_language, vision_module_prefixes
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 _OVERHEAD_BYTES = 64 * 2**20   # config, tokenizer, card, and filesystem slack
@@ -36,9 +37,11 @@ def _dtype_from(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def estimate_merged_bytes(plan: MergePlan, save_method: str) -> int:
     """Bytes the checkpoint will take on disk (4-bit: half a byte per linear weight plus statistics)."""
     itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    vision = tuple(vision_module_prefixes(plan)) if is_vision_language(plan.config) else ()
     total = 0
     for src in plan.sources:
-        if save_method == "merged_4bit" and src.is_linear_weight and src.name != "lm_head.weight":
+        if (save_method == "merged_4bit" and src.is_linear_weight and src.name != "lm_head.weight"
+                and not (vision and src.name.startswith(vision))):
             total += src.numel // 2 + src.numel // 64 * 2
         else:
             total += src.numel * itemsize
@@ -55,6 +58,8 @@ def save_side_files(directory: Path, plan: MergePlan, tokenizer, quantization_co
     config.dtype = plan.dtype
     if plan.untie_embeddings:
         config.tie_word_embeddings = False
+        if is_vision_language(config):   # a VLM's text config carries the flag too
+            config.text_config.tie_word_embeddings = False
     config.save_pretrained(directory)
     generation_config = getattr(plan.base_model, "generation_config", None)
     if generation_config is not None:
@@ -81,10 +86,12 @@ def _write_4bit(directory: Path, plan: MergePlan, max_shard_bytes: int) -> dict:
     import bitsandbytes.functional as bnbf
 
     writer = ShardWriter(directory, max_shard_bytes)
-    skip = ["lm_head"]
+    # A VLM's vision encoder and projector stay in 16-bit: they are small and quantizing them costs accuracy.
+    vision = vision_module_prefixes(plan) if is_vision_language(plan.config) else []
+    skip = ["lm_head"] + [p.rstrip(".") for p in vision]
     for src in plan.sources:
         tensor = materialize(src, plan.dtype)
-        if not src.is_linear_weight or src.name.startswith("lm_head"):
+        if not src.is_linear_weight or src.name.startswith("lm_head") or src.name.startswith(tuple(vision)):
             writer.add(src.name, tensor)
             continue
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,10 +113,13 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | os.PathLike, 
     Args:
         model: the model after training; it is read, never modified.
         save_directory: output folder (written atomically via a temporary sibling folder).
-        tokenizer: saved alongside (with its chat template) when given.
+        tokenizer: saved alongside (with its chat template) when given; for a vision-language model pass
+            its processor, so the image processor, tokenizer and chat template all travel along.
         save_method: ``"merged_16bit"`` (LoRA merged in fp32, written in the model's 16-bit dtype; loads
             with plain transformers), ``"merged_4bit"`` (merged, then bitsandbytes NF4; for QLoRA-style
-            inference), or ``"lora"`` (adapter weights only).
+            inference; a VLM's vision encoder and projector stay 16-bit), or ``"lora"`` (adapter weights only).
+            Vision-language models (LoRA on language and vision layers) keep transformers' own weight names,
+            so ``AutoModelForImageTextToText.from_pretrained`` reads the result.
         overwrite: replace a non-empty ``save_directory``; otherwise that is an error.
         max_shard_size: largest safetensors shard, e.g. ``"5GB"``; also bounds the RAM the export uses.
         dtype: output dtype for merged methods; default: the model's embedding dtype.
