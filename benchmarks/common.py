@@ -346,6 +346,24 @@ def failure_fields(exc: BaseException, error_chars: int = 1500, traceback_chars:
                 traceback=traceback.format_exc()[-traceback_chars:])
 
 
+def kernel_bench_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every kernel microbenchmark takes: --out, --smoke, --warmup, --iters."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    return parser
+
+
+def kernel_bench_device(parser: argparse.ArgumentParser, smoke: bool) -> torch.device:
+    """CUDA when present; the CPU only for ``--smoke`` runs (anything else is a usage error via ``parser``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not smoke:
+        parser.error("needs a CUDA GPU; use --smoke (with TRITON_INTERPRET=1) to check the script on CPU")
+    return device
+
+
 def fmt_cell(value, spec: str) -> str:
     """``value`` formatted with ``spec`` (e.g. ``"9.3f"``), or a right-aligned '-' of the same width for None."""
     width = int(spec.split(".")[0])

@@ -16,7 +16,6 @@ one. Takes well under two minutes on an H100, most of it compiling the reference
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -153,17 +152,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    parser = common.kernel_bench_parser(__doc__)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile rows")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
-        parser.error("needs a CUDA GPU; use --smoke (with TRITON_INTERPRET=1) to check the script on CPU")
+    device = common.kernel_bench_device(parser, args.smoke)
     shapes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
     act_shape = (shapes["act_tokens"], shapes["intermediate"])

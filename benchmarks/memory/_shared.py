@@ -37,6 +37,14 @@ def ensure_checkpoint(shape_name: str, model_dir: str | None) -> Path:
     return path
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options every memory benchmark takes: --out, --shape, --model-dir, --device."""
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--model-dir")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load(config: str, mode: str, model_dir: Path, seq_len: int, device: str, gc: str = "unsloth", attn="sdpa"):
     """A PEFT LoRA r=32 model from one of the framework loaders of ``train_throughput``."""
     args = argparse.Namespace(mode=mode, attn=attn, device=device, rank=32, alpha=32, gc=gc)

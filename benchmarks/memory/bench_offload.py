@@ -94,11 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["gpu", "offload"])
     p.add_argument("--seqs", nargs="+", type=int, default=[16384, 65536])
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--shape", default="llama-3.1-8b")
-    p.add_argument("--model-dir")
+    _shared.add_run_args(p)
     p.add_argument("--timeout-s", type=float, default=300)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.trial:
         rec = trial(args)

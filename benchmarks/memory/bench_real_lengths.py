@@ -147,9 +147,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=CONFIGS, help="run one configuration in this process")
     p.add_argument("--configs", nargs="+", default=CONFIGS, help="driver: configurations to run")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--shape", default="llama-3.1-8b")
-    p.add_argument("--model-dir")
+    _shared.add_run_args(p)
     p.add_argument("--mode", default="bf16", choices=["bf16", "qlora"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-length", type=int, default=2048)
@@ -158,7 +156,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--histogram", type=Path, default=Path(__file__).resolve().parent / "length_histogram.json")
     p.add_argument("--timeout-s", type=float, default=470, help="driver: per-configuration limit")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.config:
         rec = run_one(args)
