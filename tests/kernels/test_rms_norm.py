@@ -1,4 +1,6 @@
 """RMSNorm kernel parity: Triton (interpreter on CPU) against the PyTorch reference and Hugging Face."""
+import math
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ def _grads(fn, x, w, g):
     return y, dx, dw
 
 
-def _check(x, w, offset, mode, eps=1e-6, scale=1.0):
+def _check(x, w, offset, mode, eps=1e-6, scale=1.0, dw_atol=None):
     g = torch.randn(x.shape, dtype=x.dtype, device=x.device)
     y, dx, dw = _grads(lambda a, b: rms_norm(a, b, eps, offset, mode), x, w, g)
     yr, dxr, dwr = _grads(lambda a, b: rms_norm_reference(a, b, eps, offset, mode), x, w, g)
@@ -30,7 +32,10 @@ def _check(x, w, offset, mode, eps=1e-6, scale=1.0):
     # Backward: the kernel accumulates in fp32 where the reference rounds each product to the
     # low-precision dtype, so the reference itself carries about one extra rounding of error.
     assert_close(dx, dxr, scale=scale, msg="dx")
-    assert_close(dw, dwr, scale=scale, msg="dw")
+    if dw_atol is None:
+        assert_close(dw, dwr, scale=scale, msg="dw")
+    else:
+        torch.testing.assert_close(dw.float(), dwr.float(), atol=dw_atol, rtol=0.0, msg="dw")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,9 +174,11 @@ def test_gpu_large_shapes(dtype, mode, offset, shape):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device="cuda")
     w = torch.randn(shape[-1], dtype=dtype, device="cuda")
-    # dw sums thousands of rows: in another order (fp32), and without the reference rounding each
-    # product to the dtype (fp16/bf16).
-    _check(x, w, offset, mode, scale=10.0 if dtype == torch.float32 else 4.0)
+    # dw sums thousands of rows, in another order (fp32) and without the reference rounding each product
+    # to the dtype: the two differ by a random walk of per-product roundings, ~sqrt(rows) * eps * |g x|.
+    rows = x.numel() // shape[-1]
+    dw_atol = 6 * math.sqrt(rows) * torch.finfo(dtype).eps
+    _check(x, w, offset, mode, scale=10.0 if dtype == torch.float32 else 4.0, dw_atol=dw_atol)
 
 
 @pytest.mark.gpu
