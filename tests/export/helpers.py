@@ -12,17 +12,27 @@ TARGETS = {
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(family: str, seed: int = 0, dtype=torch.float32, r: int = 4, **overrides):
-    """A tiny ``family`` model wrapped in LoRA with every lora_B random (so the delta is non-zero)."""
-    model = tiny_model(family, seed=seed, dtype=dtype, **overrides)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS.get(family, DEFAULT_TARGETS), lora_dropout=0.0)
-    peft_model = get_peft_model(model, cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
+def randomize_lora_b(peft_model, seed: int, scale: float):
+    """Fill every lora_B with ``scale`` x N(0, 1) drawn from ``seed`` and return the model in eval mode.
+
+    PEFT starts lora_B at zero, so without this a merge would change no weight and prove nothing.
+    """
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return peft_model.eval()
+
+
+def _wrap_in_lora(model, family: str, r: int, seed: int, scale: float):
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS.get(family, DEFAULT_TARGETS), lora_dropout=0.0)
+    return randomize_lora_b(get_peft_model(model, cfg), seed + 1, scale)
+
+
+def lora_model(family: str, seed: int = 0, dtype=torch.float32, r: int = 4, **overrides):
+    """A tiny ``family`` model wrapped in LoRA with every lora_B random (so the delta is non-zero)."""
+    return _wrap_in_lora(tiny_model(family, seed=seed, dtype=dtype, **overrides), family, r, seed, 0.05)
 
 
 def tokenizer_for(model):
@@ -53,11 +63,4 @@ def trained_lora_model(family: str, tokenizer, steps: int = 30, seed: int = 0, *
         model(**batch, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.get(family, DEFAULT_TARGETS), lora_dropout=0.0)
-    peft_model = get_peft_model(model.eval(), cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return peft_model.eval()
+    return _wrap_in_lora(model.eval(), family, 4, seed, 0.02)

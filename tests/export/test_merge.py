@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pronghorn.export.merge import plan_merge
 from pronghorn.export.save import save_pretrained_merged
-from tests.export.helpers import input_ids, lora_model, tokenizer_for
+from tests.export.helpers import input_ids, lora_model, randomize_lora_b, tokenizer_for
 from tests.factories import save_tiny
 from tests.tolerances import assert_close
 
@@ -81,12 +81,7 @@ def _four_bit_lora(tmp_path):
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, device_map="cpu")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+    return randomize_lora_b(model, seed=3, scale=0.05)
 
 
 def test_merge_from_4bit_base(tmp_path):
