@@ -84,6 +84,21 @@ def alpaca_prompt(instruction: str, input: str | None = None, output: str | None
     return text
 
 
+def _alpaca_rows(dataset, instruction_column: str, input_column: str, output_column: str):
+    """Check that ``dataset`` has the instruction and output columns, and return a function that turns a
+    batch into ``(instruction, input, output)`` triples (input None where the dataset has no input column)."""
+    for needed in (instruction_column, output_column):
+        if needed not in dataset.column_names:
+            raise KeyError(f"column {needed!r} not in the dataset (columns: {dataset.column_names})")
+    has_input = input_column in dataset.column_names
+
+    def rows(batch):
+        inputs = batch[input_column] if has_input else [None] * len(batch[instruction_column])
+        return zip(batch[instruction_column], inputs, batch[output_column])
+
+    return rows
+
+
 def format_alpaca(dataset, eos_token: str | None = None, tokenizer=None, instruction_column: str = "instruction",
                   input_column: str = "input", output_column: str = "output", text_column: str = "text",
                   num_proc=None):
@@ -96,15 +111,10 @@ def format_alpaca(dataset, eos_token: str | None = None, tokenizer=None, instruc
         eos_token = getattr(tokenizer, "eos_token", None)
     if not eos_token:
         raise ValueError("format_alpaca needs eos_token= or tokenizer= so every example ends with the EOS")
-    for needed in (instruction_column, output_column):
-        if needed not in dataset.column_names:
-            raise KeyError(f"column {needed!r} not in the dataset (columns: {dataset.column_names})")
-    has_input = input_column in dataset.column_names
+    rows = _alpaca_rows(dataset, instruction_column, input_column, output_column)
 
     def render(batch):
-        inputs = batch[input_column] if has_input else [None] * len(batch[instruction_column])
-        return {text_column: [alpaca_prompt(i, x, o, eos_token)
-                              for i, x, o in zip(batch[instruction_column], inputs, batch[output_column])]}
+        return {text_column: [alpaca_prompt(i, x, o, eos_token) for i, x, o in rows(batch)]}
 
     kwargs = {"num_proc": num_proc} if num_proc else {}
     return dataset.map(render, batched=True, **kwargs)
@@ -114,15 +124,11 @@ def alpaca_to_conversations(dataset, instruction_column: str = "instruction", in
                             output_column: str = "output", column: str = "conversations", num_proc=None):
     """Turn Alpaca rows into role/content conversations (input appended to the instruction after a blank line),
     ready for :func:`apply_chat_template` with any chat template."""
-    for needed in (instruction_column, output_column):
-        if needed not in dataset.column_names:
-            raise KeyError(f"column {needed!r} not in the dataset (columns: {dataset.column_names})")
-    has_input = input_column in dataset.column_names
+    rows = _alpaca_rows(dataset, instruction_column, input_column, output_column)
 
     def convert(batch):
-        inputs = batch[input_column] if has_input else [None] * len(batch[instruction_column])
         out = []
-        for ins, inp, outp in zip(batch[instruction_column], inputs, batch[output_column]):
+        for ins, inp, outp in rows(batch):
             prompt = ins if _is_missing(inp) else f"{ins}\n\n{inp}"
             out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": outp}])
         return {column: out}

@@ -133,6 +133,12 @@ def test_alpaca_formatting():
         format_alpaca(ds.remove_columns("output"), eos_token="</s>")
     with pytest.raises(ValueError, match="non-empty instruction"):
         alpaca_prompt("")
+    # No input column at all: every row takes the no-input form, in both renderings.
+    no_input = ds.remove_columns("input")
+    assert format_alpaca(no_input, eos_token="</s>")[0]["text"] == alpaca_prompt("Add") + "3</s>"
+    assert alpaca_to_conversations(no_input)[0]["conversations"][0] == {"role": "user", "content": "Add"}
+    with pytest.raises(KeyError, match="'instruction'"):
+        alpaca_to_conversations(ds.remove_columns("instruction"))
 
 
 def test_load_dataset_file_every_format(tmp_path):
