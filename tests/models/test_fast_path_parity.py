@@ -4,7 +4,7 @@ import torch
 
 from pronghorn import FastLanguageModel, unpatch_model
 from tests.factories import FAST_FAMILIES, save_tiny
-from tests.models.test_families import _batch
+from tests.models.test_families import _batch, _train
 
 
 def _lora_model(path, fast):
@@ -52,16 +52,7 @@ def test_thirty_step_curves_agree(pair):
     batch = _batch(seed=1)
     curves = []
     for model in (ref, fast):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        model.train()
-        curve = []
-        for _ in range(30):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            curve.append(loss.item())
-        curves.append(torch.tensor(curve, dtype=torch.float64))
+        curves.append(torch.tensor(_train(model, batch, steps=30, lr=1e-3), dtype=torch.float64))
     rel = ((curves[1] - curves[0]).abs() / curves[0].abs()).max().item()
     assert rel < 1e-4, f"{family}: loss curves differ by {rel:.2e} relative"
 
