@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FastLanguageModel": "pronghorn.models.fast_language_model",
     "FastModel": "pronghorn.models.fast_language_model",
+    "FastVisionModel": "pronghorn.models.vision.fast_vision_model",
+    "VisionDataCollator": "pronghorn.data.vision.collator",
+    "UnslothVisionDataCollator": "pronghorn.trainer",
     "is_bfloat16_supported": "pronghorn.models.dtypes",
     "SFTTrainer": "pronghorn.training.sft",
     "SFTConfig": "pronghorn.training.sft",
