@@ -167,7 +167,8 @@ def _sync(device: str):
 
 
 def write_profile(step, batches, path) -> None:
-    """Two steps under torch.profiler; the per-kernel table (by device time) goes to ``path``."""
+    """Two steps under torch.profiler (per-kernel table by device time, to ``path``), then two under
+    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -176,6 +177,19 @@ def write_profile(step, batches, path) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     Path(path).write_text(table)
+    import cProfile
+    import io
+    import pstats
+
+    host = cProfile.Profile()
+    host.enable()
+    for ids in batches[:2]:
+        step(ids)
+    torch.cuda.synchronize()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(45)
+    Path(path).with_suffix(".host.txt").write_text(text.getvalue())
 
 
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
@@ -214,14 +228,18 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     _sync(device)
     t0 = time.perf_counter()
     timer.mark()
+    issue_s = 0.0
     for i in range(warmup, warmup + steps):
+        t_issue = time.perf_counter()
         losses.append(step(batches[i]))
+        issue_s += time.perf_counter() - t_issue
         timer.mark()
     _sync(device)
     elapsed = time.perf_counter() - t0
     if profile_path and device_type == "cuda":
         write_profile(step, batches, profile_path)
-    out = dict(warm, timed_s=elapsed, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
+    # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
+    out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype) for p in params}))
     if device_type == "cuda":

@@ -167,3 +167,17 @@ def test_gpu_matches_bitsandbytes(shape, nested, dtype):
     expected = bnb_f.dequantize_4bit(packed, state)
     assert torch.equal(dequantize_nf4(packed, state), expected)
     assert math.prod(shape) == expected.numel()
+
+
+def test_cached_launch_plan_follows_a_moved_state():
+    """The Triton path keeps a per-weight launch plan; a state whose tensors are replaced gets a new one."""
+    packed, state = _quantize((32, 64), 64, False, torch.float32, seed=3)
+    first = dequantize_nf4(packed, state)
+    state.absmax = state.absmax * 2  # a new buffer, as QuantState.to(device) makes
+    second = dequantize_nf4(packed, state)
+    assert torch.equal(second, dequantize_nf4_reference(packed, state))
+    torch.testing.assert_close(second, first * 2, atol=0, rtol=0)
+    # a malformed state is still rejected when the plan is rebuilt
+    state.absmax = state.absmax[:-1].clone()
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize_nf4(packed, state)

@@ -29,10 +29,10 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     Returns:
         A new dense tensor of shape ``quant_state.shape``.
     """
-    check_quant_state(packed, quant_state)
     dtype = resolve_out_dtype(quant_state, out_dtype)
     if use_triton(packed, quant_state.absmax):
-        from .triton import dequantize_nf4_triton  # triton imported only when a kernel will run
+        from .triton import dequantize_nf4_triton, launch_plan  # triton imported only when a kernel will run
 
-        return dequantize_nf4_triton(packed, quant_state, _table(packed.device), dtype)
+        plan = launch_plan(packed, quant_state, validate=check_quant_state)
+        return dequantize_nf4_triton(plan, _table(packed.device), dtype)
     return dequantize_nf4_reference(packed, quant_state, dtype)

@@ -9,12 +9,12 @@ dequantization is a single launch. The kernel is compiled without fp fusion: bit
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import needs_int64
 
 
 @triton.jit
@@ -62,12 +62,32 @@ def _block_for(numel: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(numel)))
 
 
-def dequantize_nf4_triton(packed: torch.Tensor, quant_state, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the kernel; inputs are validated by the caller."""
+class _LaunchPlan(NamedTuple):
+    """Everything a launch needs that does not change between calls for one quantized weight."""
+
+    key: tuple
+    shape: tuple
+    numel: int
+    packed_u8: torch.Tensor
+    absmax: torch.Tensor
+    absmax2: torch.Tensor
+    code2: torch.Tensor
+    offset: torch.Tensor
+    blocksize: int
+    blocksize2: int
+    nested: bool
+    block: int
+    grid: tuple
+    int64: bool
+
+
+def _plan_key(packed: torch.Tensor, quant_state) -> tuple:
+    # Moving a weight (or its state) to another device or buffer changes these pointers.
+    return (packed.data_ptr(), packed.device, quant_state.absmax.data_ptr())
+
+
+def _make_plan(packed: torch.Tensor, quant_state, key: tuple) -> _LaunchPlan:
     numel = math.prod(quant_state.shape)
-    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)
-    if numel == 0:
-        return out
     packed_u8 = packed.reshape(-1).view(torch.uint8).contiguous()
     absmax = quant_state.absmax.reshape(-1).contiguous()
     if quant_state.nested:
@@ -81,11 +101,42 @@ def dequantize_nf4_triton(packed: torch.Tensor, quant_state, table: torch.Tensor
     else:
         absmax2 = code2 = offset = absmax  # unused pointers when NESTED is off
         blocksize2 = 1
-    block = _block_for(numel)
-    grid = (triton.cdiv(numel, block),)
-    _nf4_dequant_kernel[grid](
-        packed_u8, absmax, table, absmax2, code2, offset, out, numel,
-        BLOCKSIZE=int(quant_state.blocksize), BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
-        BLOCK=block, INT64=needs_int64(out), num_warps=4, enable_fp_fusion=False,
+    block = _block_for(max(numel, 1))
+    return _LaunchPlan(key, tuple(quant_state.shape), numel, packed_u8, absmax, absmax2, code2, offset,
+                       int(quant_state.blocksize), blocksize2, bool(quant_state.nested), block,
+                       (triton.cdiv(numel, block),), numel >= 2**31)
+
+
+def launch_plan(packed: torch.Tensor, quant_state, validate=None) -> _LaunchPlan:
+    """The cached plan for this weight, rebuilt (after ``validate(packed, quant_state)``) when the
+    weight or its state moved.
+
+    Training dequantizes every frozen weight three times a step (forward, recompute, backward); at
+    batch sizes where the GPU outruns Python, the per-call preparation (casts, views, checks) was a
+    measurable share of the step, so it is done once and kept on the quant state.
+    """
+    key = _plan_key(packed, quant_state)
+    plan = getattr(quant_state, "_pronghorn_nf4_plan", None)
+    if plan is not None and plan.key == key:
+        return plan
+    if validate is not None:
+        validate(packed, quant_state)
+    plan = _make_plan(packed, quant_state, key)
+    try:
+        quant_state._pronghorn_nf4_plan = plan
+    except AttributeError:  # a state object that takes no new attributes: plan again next call
+        pass
+    return plan
+
+
+def dequantize_nf4_triton(plan: _LaunchPlan, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Launch the kernel for a plan from :func:`launch_plan`; inputs were validated when it was made."""
+    out = torch.empty(plan.shape, dtype=dtype, device=plan.packed_u8.device)
+    if plan.numel == 0:
+        return out
+    _nf4_dequant_kernel[plan.grid](
+        plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel,
+        BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested,
+        BLOCK=plan.block, INT64=plan.int64, num_warps=4, enable_fp_fusion=False,
     )
     return out
