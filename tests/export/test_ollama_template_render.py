@@ -29,6 +29,28 @@ PREFILL = [{"role": "user", "content": Q1}, {"role": "assistant", "content": "Th
 PREFILL_SYSTEM = [{"role": "system", "content": SYS}, *PREFILL]
 
 
+def _call(city, **more):
+    # Arguments with keys in sorted order: Go ranges over a map sorted, the Jinja side keeps the data's order.
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city, **more}}}
+
+
+TOOL_CALL = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [_call("Paris", unit="C")]},
+             {"role": "tool", "content": "22C"}]
+TOOL_CONVERSATIONS = {
+    "pending-result": TOOL_CALL,
+    "answered": [*TOOL_CALL, {"role": "assistant", "content": "It is 22C."}, {"role": "user", "content": "Thanks"}],
+    "two-calls": [{"role": "user", "content": "Paris and Rome?"},
+                  {"role": "assistant", "content": "Checking.", "tool_calls": [_call("Paris"), _call("Rome", days=2)]},
+                  {"role": "tool", "content": "22C"}, {"role": "tool", "content": "25C"},
+                  {"role": "assistant", "content": "Paris 22C, Rome 25C."}, {"role": "user", "content": "Thanks"}],
+}
+# Tool-call and tool-result turns are checked where the Ollama template reproduces them; Llama 3.1 accepts
+# one call per assistant turn. Gemma's and Mistral's Ollama templates do not write tool turns yet.
+TOOL_TEMPLATES = {"qwen-2.5": list(TOOL_CONVERSATIONS), "qwen-3": list(TOOL_CONVERSATIONS),
+                  "llama-3.1": ["pending-result", "answered"]}
+
+
 @pytest.fixture(scope="session")
 def renderer(tmp_path_factory):
     go = ollama_render.find_go()
@@ -67,6 +89,17 @@ def test_modelfile_template_continues_a_prefilled_answer(renderer, name):
     for messages, text in zip((PREFILL, PREFILL_SYSTEM), got):
         expected = _jinja(tok, messages, continue_final_message=True)
         assert text == expected, f"{name}: prefill {messages!r} renders differently in Ollama"
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_TEMPLATES))
+def test_modelfile_template_renders_tool_turns_like_training_template(renderer, name):
+    tok = _tokenizer(name)
+    template, _, _ = ollama_pieces_for(tok)
+    convs = TOOL_TEMPLATES[name]
+    got = ollama_render.render(renderer, [{"template": template, "messages": TOOL_CONVERSATIONS[c]} for c in convs])
+    for conv, text in zip(convs, got):
+        expected = _jinja(tok, TOOL_CONVERSATIONS[conv], add_generation_prompt=True)
+        assert text == expected, f"{name}: tool conversation {conv!r} renders differently in Ollama"
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama-3.1", "gemma-2", "mistral-v3", "alpaca"])

@@ -1,4 +1,5 @@
 """Llama 3 and Llama 3.1/3.2/3.3 (with JSON tool calls and ``ipython`` tool results)."""
+from pronghorn.data.templates import OLLAMA_JSON_ARGS
 
 LLAMA3 = r"""
 {%- for message in messages -%}
@@ -107,11 +108,11 @@ Respond in the format {"name": function name, "parameters": dictionary of argume
 {{ end }}{{ end }}{{ .Content }}<|eot_id|>
 {{- else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>
 
-{{ if .ToolCalls }}{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "parameters": {{ .Function.Arguments }}}{{ end }}
+{{ if .ToolCalls }}{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "parameters": """ + OLLAMA_JSON_ARGS + """}{{ end }}
 {{- else }}{{ .Content }}{{ end }}{{ if not $last }}<|eot_id|>{{ end }}
 {{- else if eq .Role "tool" }}<|start_header_id|>ipython<|end_header_id|>
 
-{{ .Content }}<|eot_id|>
+{{ json .Content }}<|eot_id|>
 {{- end }}
 {{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
 

@@ -3,6 +3,7 @@
 Jinja text is written with every output in an expression (``{{- '...' }}``) and whitespace control on
 every tag, so the physical layout of the template never leaks into the rendered text.
 """
+from pronghorn.data.templates import OLLAMA_JSON_ARGS
 
 CHATML = r"""
 {%- for message in messages -%}
@@ -147,11 +148,22 @@ def _ollama_qwen(qwen3: bool) -> str:
                        + "{{ end }}")
         system_close = "<|im_end|>\n"
         tools_lead = "\n\n"
-    think = ("""{{ if and (gt $i $lastQuery) (or $last .Thinking) }}<think>
+    call = """<tool_call>
+{"name": "{{ .Function.Name }}", "arguments": """ + OLLAMA_JSON_ARGS + """}
+</tool_call>"""
+    if qwen3:
+        assistant = """
+{{ if and (gt $i $lastQuery) (or $last .Thinking) }}<think>
 {{ .Thinking }}
 </think>
 
-{{ end }}""" if qwen3 else "")
+{{ end }}{{ .Content }}{{ $content := .Content }}{{ range $j, $_ := .ToolCalls }}{{ if or $j $content }}
+{{ end }}""" + call + "{{ end }}"
+    else:
+        assistant = """{{ if .ToolCalls }}{{ if .Content }}
+{{ .Content }}{{ end }}{{ range .ToolCalls }}
+""" + call + """{{ end }}{{ else }}
+{{ .Content }}{{ end }}"""
     return (system_open + """{{- if .Tools }}""" + tools_lead + """# Tools
 
 You may call one or more functions to assist with the user query.
@@ -169,22 +181,19 @@ For each function call, return a json object with function name and arguments wi
 </tool_call>
 {{- end }}""" + system_close + """{{ $lastQuery := -1 }}
 {{- range $i, $_ := .Messages }}{{ if eq .Role "user" }}{{ $lastQuery = $i }}{{ end }}{{ end }}
+{{- $prev := "" }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 -}}
 {{- if eq .Role "user" }}<|im_start|>user
 {{ .Content }}<|im_end|>
-{{ else if eq .Role "assistant" }}<|im_start|>assistant
-""" + think + """{{ if .Content }}{{ .Content }}
-{{- else if .ToolCalls }}{{ range .ToolCalls }}<tool_call>
-{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
-</tool_call>{{ end }}
-{{- end }}{{ if not $last }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant""" + assistant + """{{ if not $last }}<|im_end|>
 {{ end }}
-{{- else if eq .Role "tool" }}<|im_start|>user
+{{- else if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}
 <tool_response>
 {{ .Content }}
-</tool_response><|im_end|>
+</tool_response>{{ if or $last (ne (index (slice $.Messages $i) 1).Role "tool") }}<|im_end|>
 {{ end }}
+{{- end }}{{ $prev = .Role }}
 {{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
 {{ end }}
 {{- end }}""")
