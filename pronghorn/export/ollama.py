@@ -27,10 +27,21 @@ def _param_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def _from_line(path: str) -> str:
+    return f"FROM ./{path}" if not os.path.isabs(path) else f"FROM {path}"
+
+
 def modelfile_text(gguf_file: str, template: str, stops: list[str], params: Mapping[str, object] | None = None,
-                   system: str | None = None) -> str:
-    """The text of a Modelfile that runs ``gguf_file`` (a path relative to the Modelfile) with this template."""
-    lines = [f"FROM ./{gguf_file}" if not os.path.isabs(gguf_file) else f"FROM {gguf_file}", ""]
+                   system: str | None = None, projector: str | None = None) -> str:
+    """The text of a Modelfile that runs ``gguf_file`` (a path relative to the Modelfile) with this template.
+
+    ``projector`` names a vision projector GGUF (mmproj) for a vision-language model; Ollama takes it as a
+    second ``FROM`` line.
+    """
+    lines = [_from_line(gguf_file)]
+    if projector:
+        lines.append(_from_line(projector))
+    lines.append("")
     lines.append(f"TEMPLATE {_quote(template)}")
     if system:
         lines.append(f"SYSTEM {_quote(system)}")
@@ -46,10 +57,10 @@ def modelfile_text(gguf_file: str, template: str, stops: list[str], params: Mapp
 
 def write_modelfile(directory: str | os.PathLike, gguf_file: str, template: str, stops: list[str],
                     params: Mapping[str, object] | None = None, system: str | None = None,
-                    filename: str = "Modelfile") -> Path:
-    """Write a Modelfile beside ``gguf_file`` in ``directory``; returns its path."""
+                    filename: str = "Modelfile", projector: str | None = None) -> Path:
+    """Write a Modelfile beside ``gguf_file`` (and the ``projector`` mmproj, if any) in ``directory``."""
     path = Path(directory) / filename
-    path.write_text(modelfile_text(gguf_file, template, stops, params, system))
+    path.write_text(modelfile_text(gguf_file, template, stops, params, system, projector=projector))
     return path
 
 

@@ -9,7 +9,12 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from pronghorn.export.merge import plan_merge
 from pronghorn.export.save import save_pretrained_merged

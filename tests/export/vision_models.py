@@ -58,8 +58,8 @@ GEMMA3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
-_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB)
+_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 256, "vocab_size": VOCAB}
 PATCH = 14
 
 
@@ -85,23 +85,23 @@ def vlm_tokenizer(family: str):
 def tiny_vlm_config(family: str):
     """A small config of ``family`` whose special token ids match :func:`vlm_tokenizer`."""
     tok = vlm_tokenizer(family)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     if family == "gemma3":
         boi, eoi, image = tok.convert_tokens_to_ids(GEMMA_IMAGE_TOKENS)
         return AutoConfig.for_model(
             "gemma3", text_config=dict(_TEXT, head_dim=16, sliding_window=32, query_pre_attn_scalar=16, **ids),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=4 * PATCH, patch_size=PATCH, vision_use_head=False),
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "image_size": 4 * PATCH, "patch_size": PATCH, "vision_use_head": False},
             mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi, image_token_index=image, **ids)
     start, end, image, video = tok.convert_tokens_to_ids(QWEN_IMAGE_TOKENS)
     text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, **ids)
     if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH,
-                      spatial_merge_size=2, temporal_patch_size=2)
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2, "patch_size": PATCH,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2}
     elif family == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                      patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
-                      window_size=112)
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                      "patch_size": PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1],
+                      "window_size": 112}
     else:
         raise ValueError(f"unknown VLM family {family!r}; choose from {VLM_FAMILIES}")
     return AutoConfig.for_model(family, text_config=text, vision_config=vision, image_token_id=image,
@@ -144,12 +144,16 @@ def tiny_processor(family: str):
     """An offline processor of ``family`` (image processor + tokenizer + chat template with image placeholders)."""
     tok = vlm_tokenizer(family)
     if family == "gemma3":
-        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
 
         ip = Gemma3ImageProcessorPil(size={"height": 4 * PATCH, "width": 4 * PATCH}, image_mean=[0.5] * 3,
                                      image_std=[0.5] * 3, do_pan_and_scan=False)
         return Gemma3Processor(image_processor=ip, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=448 * 448, patch_size=PATCH, merge_size=2,
                                   temporal_patch_size=2)
@@ -178,7 +182,7 @@ def lora_vlm(family: str, seed: int = 0, r: int = 4, dtype=torch.float32):
     return peft_model.eval()
 
 
-def test_image(width: int, height: int, seed: int = 0) -> Image.Image:
+def sample_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth RGB test image (gradients plus noise), deterministic for a seed."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
@@ -197,7 +201,7 @@ def image_size_for(family: str) -> tuple[int, int]:
 
 def image_inputs(processor, family: str, seed: int = 0, text: str = "Describe this image.") -> dict:
     """Processor outputs for one user turn with one test image and ``text``."""
-    image = test_image(*image_size_for(family), seed=seed)
+    image = sample_image(*image_size_for(family), seed=seed)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     return dict(processor(text=[prompt], images=[image], return_tensors="pt"))

@@ -31,6 +31,7 @@ class GGUFFamily:
     softcapping: bool = False
     sliding_window: bool = False
     swa_rope_base: bool = False       # separate rope base for sliding-window layers (Gemma 3)
+    mrope: bool = False               # multimodal rope sections (Qwen2-VL / Qwen2.5-VL language models)
 
     @property
     def arch_name(self) -> str:
@@ -48,14 +49,18 @@ FAMILIES: dict[str, GGUFFamily] = {
     "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, tied_output_fallback=False, sliding_window=True),
 }
 FAMILIES["gemma3"] = FAMILIES["gemma3_text"]
+# Language models of vision-language models (their text_config's model_type); llama.cpp runs both Qwen-VL
+# generations as "qwen2vl", a Qwen2 decoder with multimodal rope.
+FAMILIES["qwen2_vl_text"] = GGUFFamily(gguf.MODEL_ARCH.QWEN2VL, mrope=True)
+FAMILIES["qwen2_5_vl_text"] = FAMILIES["qwen2_vl_text"]
 
 
 def family_for(config) -> GGUFFamily:
     """The :class:`GGUFFamily` of a transformers config, or a clear error naming the supported ones."""
     model_type = getattr(config, "model_type", None)
-    if model_type == "gemma3" and hasattr(config, "text_config"):
-        raise NotImplementedError("GGUF export of multimodal Gemma 3 (vision tower) is not supported; "
-                                  "export the text model (Gemma3ForCausalLM)")
+    if getattr(config, "vision_config", None) is not None and hasattr(config, "text_config"):
+        raise ValueError(f"{model_type!r} is a vision-language config; look up the family of its text_config "
+                         "(save_pretrained_gguf does this and writes the vision part as an mmproj file)")
     if model_type not in FAMILIES:
         raise NotImplementedError(f"GGUF export does not support model_type {model_type!r}; supported: "
                                   f"{sorted(FAMILIES)}. Save with save_pretrained_merged and convert with "
@@ -143,6 +148,8 @@ def write_arch_metadata(writer: gguf.GGUFWriter, config, family: GGUFFamily) -> 
                                                 or 1.0))
     writer.add_rope_dimension_count(int(hd * partial))
     extra = _write_rope(writer, config, family)
+    if family.mrope:
+        writer.add_rope_dimension_sections(mrope_sections(config))
     if family.softcapping:
         if getattr(config, "attn_logit_softcapping", None):
             writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
@@ -152,6 +159,19 @@ def write_arch_metadata(writer: gguf.GGUFWriter, config, family: GGUFFamily) -> 
         writer.add_sliding_window(int(config.sliding_window))
     _check_attention_scale(config, family, hd)
     return extra
+
+
+def mrope_sections(config) -> list[int]:
+    """The (temporal, height, width) rotary sections of a Qwen-VL language model, padded to llama.cpp's four."""
+    sections = rope_parameters(config).get("mrope_section")
+    if not sections:
+        raise ValueError(f"{config.model_type}: rope parameters have no 'mrope_section'; llama.cpp's qwen2vl "
+                         "architecture needs it")
+    sections = [int(x) for x in sections]
+    if len(sections) > 4 or sum(sections) * 2 != head_dim(config):
+        raise ValueError(f"mrope_section {sections} must have at most 4 entries summing to head_dim/2 = "
+                         f"{head_dim(config) // 2}")
+    return sections + [0] * (4 - len(sections))
 
 
 def _check_attention_scale(config, family: GGUFFamily, hd: int) -> None:
