@@ -90,3 +90,19 @@ def test_merged_vlm_in_bf16(tmp_path):
     assert reloaded.dtype == torch.bfloat16
     # merged then rounded to bf16 once vs. LoRA added at bf16 at run time, through two towers: bf16 x4
     assert_close(_logits(reloaded, inputs), expected, dtype=torch.bfloat16, scale=4)
+
+
+def test_merged_4bit_keeps_vision_in_16bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = lora_vlm("qwen2_vl")
+    processor = tiny_processor("qwen2_vl")
+    out = save_pretrained_merged(model, tmp_path / "m4", processor, save_method="merged_4bit")
+    config = json.loads((out / "config.json").read_text())
+    assert "model.visual" in config["quantization_config"]["llm_int8_skip_modules"]
+    reloaded = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu").eval()
+    assert type(reloaded.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert type(reloaded.model.visual.blocks[0].attn.qkv).__name__ == "Linear"
+    merged = {s.name: s.load() for s in plan_merge(model).sources}
+    torch.testing.assert_close(reloaded.model.visual.blocks[0].attn.qkv.weight,
+                               merged["model.visual.blocks.0.attn.qkv.weight"])
+    assert torch.isfinite(_logits(reloaded, image_inputs(processor, "qwen2_vl"))).all()
