@@ -3,16 +3,27 @@
 A Hugging Face CausalLM computes ``logits = lm_head(hidden)`` (then maybe scales/softcaps them)
 and ``loss = ForCausalLMLoss(logits, labels, ...)``. :func:`lm_head_loss` returns the same loss
 without the [tokens, vocab] logits; the model quirks are a small :class:`LMHeadLossSpec`.
+
+Without logits a trainer cannot derive the token accuracy and entropy it logs, so inside
+:func:`collect_token_stats` every :func:`lm_head_loss` call also measures them (in the kernel's
+first pass over each logits chunk) and adds them to the collector. Outside it nothing extra runs.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pronghorn.kernels.cross_entropy import causal_lm_fused_loss, cross_entropy_from_logits_reference
+from pronghorn.kernels.cross_entropy import (
+    causal_lm_fused_loss,
+    cross_entropy_from_logits_reference,
+    token_stats_from_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,42 @@ class LMHeadLossSpec:
 
     softcap: float | None = None
     logit_scale: float = 1.0
+
+
+class TokenStats:
+    """Sums over the label tokens of every :func:`lm_head_loss` call made inside :func:`collect_token_stats`.
+
+    ``sums`` is None until a call adds to it, then an fp32 tensor ``[label tokens, label tokens whose
+    label is the argmax of the logits, summed entropy of the next-token distribution (nats)]``, on the
+    device of the first call (no host sync until the caller reads it).
+    """
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+
+    def add(self, sums: torch.Tensor) -> None:
+        """Add one call's ``[tokens, correct, entropy]`` sums."""
+        sums = sums.detach().float()
+        self.sums = sums.clone() if self.sums is None else self.sums + sums.to(self.sums.device)
+
+
+_ACTIVE_TOKEN_STATS: ContextVar[TokenStats | None] = ContextVar("pronghorn_token_stats", default=None)
+
+
+@contextmanager
+def collect_token_stats() -> Iterator[TokenStats]:
+    """Collect token accuracy and entropy from every :func:`lm_head_loss` call in this block.
+
+    Yields a :class:`TokenStats` that those calls add to. Trainers wrap one forward in it to log
+    ``mean_token_accuracy`` and ``entropy`` although the fused loss never builds the logits. Blocks nest:
+    the innermost one collects.
+    """
+    stats = TokenStats()
+    token = _ACTIVE_TOKEN_STATS.set(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE_TOKEN_STATS.reset(token)
 
 
 def lm_head_spec_from_config(config) -> LMHeadLossSpec:
@@ -68,22 +115,31 @@ def lm_head_loss(
 
     A plain ``nn.Linear`` head takes the fused kernel. Any other head (LoRA-wrapped, quantised,
     hooked) runs its own forward and the loss is taken from the materialised logits with the
-    same math, so the result does not depend on which path ran.
+    same math, so the result does not depend on which path ran. Inside :func:`collect_token_stats`
+    either path also adds this call's token statistics to the collector.
     """
     spec = spec or LMHeadLossSpec()
+    collector = _ACTIVE_TOKEN_STATS.get()
     if _fusable(lm_head):
         weight = lm_head.weight
-        return causal_lm_fused_loss(
+        stats_out = None if collector is None else torch.zeros(3, dtype=torch.float32, device=weight.device)
+        loss = causal_lm_fused_loss(
             hidden_states.to(weight.device), weight, labels, shift_labels, lm_head_bias=lm_head.bias,
             ignore_index=ignore_index, softcap=spec.softcap, logit_scale=spec.logit_scale,
-            num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+            num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, token_stats_out=stats_out,
         )
+        if collector is not None:
+            collector.add(stats_out)
+        return loss
     if (labels is None) == (shift_labels is None):
         raise ValueError("lm_head_loss: pass exactly one of labels (unshifted) and shift_labels (shifted)")
     logits = lm_head(hidden_states)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device)
+    if collector is not None:
+        collector.add(token_stats_from_logits(flat_logits, flat_labels, ignore_index, spec.softcap, spec.logit_scale))
     return cross_entropy_from_logits_reference(
-        logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device), ignore_index=ignore_index,
+        flat_logits, flat_labels, ignore_index=ignore_index,
         softcap=spec.softcap, logit_scale=spec.logit_scale, num_items_in_batch=num_items_in_batch,
     )

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 import transformers
 import trl
 
+from pronghorn.nn.lm_head_loss import collect_token_stats
 from pronghorn.training.callbacks import LossLogCallback
 from pronghorn.training.dataset_checks import check_sft_dataset
 from pronghorn.training.optimizer_groups import embedding_param_groups
+from pronghorn.training.token_metrics import labels_of, record_token_metrics, stats_from_logits
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,9 @@ def _padding_free_collator(tokenizer, args: SFTConfig):
 class SFTTrainer(trl.SFTTrainer):
     """trl.SFTTrainer that also accepts ``tokenizer=``, ``max_seq_length=``, ``dataset_text_field=``,
     ``packing=`` as keyword arguments, checks the dataset up front, writes a loss log and loss-curve PNG,
-    and uses pronghorn's chunked loss when the model was patched by pronghorn."""
+    and uses pronghorn's chunked loss when the model was patched by pronghorn. TRL's per-step
+    ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are logged on that path too: the fused loss
+    measures the first two in the same pass over each logits chunk."""
 
     def __init__(self, model=None, args=None, *pos, tokenizer=None, processing_class=None, **kwargs):
         moved = {k: kwargs.pop(k) for k in _CONFIG_KWARGS if k in kwargs}
@@ -116,9 +120,19 @@ class SFTTrainer(trl.SFTTrainer):
         wants_logits = not model.training and self.compute_metrics is not None
         if self._pronghorn_loss_active() or wants_logits:
             # Our forward fuses the LM head with the loss in training and returns real logits in evaluation.
+            # TRL's compute_loss, which logs entropy / mean_token_accuracy / num_tokens, is skipped here, so
+            # those come from the fused loss's token statistics (or the logits) instead.
             inputs["use_cache"] = False
-            return transformers.Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                                     num_items_in_batch=num_items_in_batch)
+            labels, shift_labels = labels_of(inputs)
+            with collect_token_stats() as stats:
+                loss, outputs = transformers.Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                                  num_items_in_batch=num_items_in_batch)
+            sums = stats.sums
+            logits = getattr(outputs, "logits", None)
+            if sums is None and logits is not None:
+                sums = stats_from_logits(logits.detach(), labels, shift_labels)
+            record_token_metrics(self, "train" if self.model.training else "eval", inputs, sums)
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 

@@ -1,10 +1,17 @@
-"""TRL integration as users call it: text and conversational data, old spellings, resume, eval logits, callbacks."""
+"""TRL integration as users call it: text and conversational data, old spellings, resume, eval logits, callbacks,
+and the token metrics TRL logs."""
+import collections
+import logging
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 from transformers import EarlyStoppingCallback, TrainingArguments
 
 from pronghorn import FastLanguageModel, SFTConfig, SFTTrainer, UnslothTrainer, UnslothTrainingArguments
+from pronghorn.training.token_metrics import record_token_metrics
 from tests.factories import save_tiny
 
 TEXTS = [f"Example number {i}: the quick brown fox jumps over the lazy dog." for i in range(24)]
@@ -102,3 +109,46 @@ def test_report_to(base_dir, tmp_path, report_to):
                          args=_args(tmp_path, max_steps=2, report_to=report_to))
     trainer.train()
     assert any(tmp_path.rglob("events.out.tfevents*")), sorted(p.name for p in tmp_path.rglob("*"))
+
+
+def _trained(base_dir, tmp_path, fast_paths):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(base_dir), max_seq_length=64, fast_paths=fast_paths)
+    model = FastLanguageModel.get_peft_model(model, r=8)
+    data = Dataset.from_dict({"text": TEXTS})
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, eval_dataset=data.select(range(8)),
+                         args=_args(tmp_path, max_steps=2, save_steps=10, eval_strategy="steps", eval_steps=2,
+                                    per_device_eval_batch_size=4))
+    trainer.train()
+    return trainer
+
+
+def test_token_metrics_logged_with_fused_loss_match_trl(base_dir, tmp_path):
+    # TRL logs entropy, mean_token_accuracy and num_tokens from the logits; pronghorn's fused loss has
+    # none, so it measures them in the loss kernel. Same model, data and seed: the logs must agree.
+    ours = _trained(base_dir, tmp_path / "fused", fast_paths=True)
+    trl = _trained(base_dir, tmp_path / "trl", fast_paths=False)
+    assert ours._pronghorn_loss_active() and not trl._pronghorn_loss_active()
+    for key in ("entropy", "mean_token_accuracy", "num_tokens", "eval_entropy", "eval_mean_token_accuracy"):
+        got = [e[key] for e in ours.state.log_history if key in e]
+        want = [e[key] for e in trl.state.log_history if key in e]
+        assert got and len(got) == len(want), (key, ours.state.log_history)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=key)
+    first = next(e for e in ours.state.log_history if "entropy" in e)
+    assert 0 < first["entropy"] <= np.log(ours.model.config.vocab_size) + 1e-6
+    assert 0 <= first["mean_token_accuracy"] <= 1 and first["num_tokens"] > 0
+
+
+def test_token_metrics_without_stats_warn_once_and_still_count_tokens(caplog):
+    metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+    trainer = SimpleNamespace(_metrics=metrics, _total_train_tokens=0,
+                              accelerator=SimpleNamespace(reduce=lambda t, reduction: t.clone()))
+    flat = {"position_ids": torch.arange(10)[None]}  # a padding-free batch: one row of 10 tokens
+    with caplog.at_level(logging.WARNING, logger="pronghorn.training.token_metrics"):
+        record_token_metrics(trainer, "train", flat, None)
+        record_token_metrics(trainer, "train", {"attention_mask": torch.ones(2, 3)}, None)
+    assert sum("neither token statistics" in r.message for r in caplog.records) == 1
+    assert "entropy" not in metrics["train"] and metrics["train"]["num_tokens"] == [16]
+    record_token_metrics(trainer, "eval", flat, torch.tensor([4.0, 1.0, 10.0]))
+    record_token_metrics(trainer, "eval", flat, torch.zeros(3))  # no label tokens: 0, not NaN
+    assert metrics["eval"]["entropy"] == [2.5, 0.0] and metrics["eval"]["mean_token_accuracy"] == [0.25, 0.0]
+    assert metrics["eval"]["num_tokens"] == [16]  # evaluation does not add to the training count

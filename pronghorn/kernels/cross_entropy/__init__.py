@@ -9,9 +9,11 @@ from pronghorn.kernels.cross_entropy.function import (
 from pronghorn.kernels.cross_entropy.reference import (
     cross_entropy_from_logits_reference,
     fused_linear_cross_entropy_reference,
+    token_stats_from_logits,
 )
 
 __all__ = [
     "FusedLinearCrossEntropyFunction", "causal_lm_fused_loss", "cross_entropy_from_logits_reference",
     "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference", "pick_chunk_rows",
+    "token_stats_from_logits",
 ]

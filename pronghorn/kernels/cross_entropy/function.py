@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from pronghorn.kernels.backend import use_triton
-from pronghorn.kernels.cross_entropy.reference import check_reduction, fused_linear_cross_entropy_reference
+from pronghorn.kernels.cross_entropy.reference import (
+    check_reduction,
+    check_token_stats_out,
+    fused_linear_cross_entropy_reference,
+)
 from pronghorn.training.loss import count_label_tokens, loss_divisor
 
 CPU_CHUNK_ROWS = 256
@@ -75,11 +79,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     [-|s|, |s|]) unscaled in the low-precision buffer keeps small probabilities above fp16's
     underflow. dL/dW accumulates over chunks in fp32. Backward rescales the stashed gradients
     in place, so the graph can be walked backward only once.
+
+    With ``token_stats_out`` the kernel's first pass also gives each row's entropy and whether its
+    label is the argmax, summed into that buffer (no gradient flows through them).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, logit_scale, num_items_in_batch,
-                reduction, chunk_size):
+                reduction, chunk_size, token_stats_out):
         from pronghorn.kernels.cross_entropy.triton import ce_rows_inplace
 
         n_rows, _hid = hidden.shape
@@ -100,13 +107,19 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32 if w_in_fp32 else weight.dtype,
                                  device=weight.device)
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        entropy_rows = top1_rows = None
+        if token_stats_out is not None:
+            entropy_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+            top1_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         w_t = weight.t()
 
         for start in range(0, n_rows, rows_per_chunk):
             end = min(start + rows_per_chunk, n_rows)
             x_c = hidden[start:end]
             logits = torch.addmm(bias, x_c, w_t) if bias is not None else torch.mm(x_c, w_t)
-            ce_rows_inplace(logits, labels[start:end], loss_rows[start:end], ignore_index, logit_scale, softcap)
+            ce_rows_inplace(logits, labels[start:end], loss_rows[start:end], ignore_index, logit_scale, softcap,
+                            None if entropy_rows is None else entropy_rows[start:end],
+                            None if top1_rows is None else top1_rows[start:end])
             grads = logits  # now holds D * dL/dlogits for this chunk
             if need_x:
                 torch.mm(grads, weight, out=grad_x[start:end])
@@ -121,10 +134,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 grad_b += grads.sum(dim=0, dtype=torch.float32)
             del logits, grads
 
+        n_label_tokens = count_label_tokens(labels, ignore_index)
+        if token_stats_out is not None:
+            token_stats_out += torch.stack([n_label_tokens.float(), top1_rows.sum(), entropy_rows.sum()])
         if reduction == "sum":
             divisor = torch.ones((), dtype=torch.float32, device=hidden.device)
         else:
-            divisor = loss_divisor(count_label_tokens(labels, ignore_index), num_items_in_batch, hidden.device)
+            divisor = loss_divisor(n_label_tokens, num_items_in_batch, hidden.device)
         if w_in_fp32 and weight.dtype != torch.float16:
             grad_w = grad_w.to(weight.dtype)
         ctx.stash = (grad_x, grad_w, grad_b, divisor)
@@ -151,13 +167,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_w = scale_into(grad_w, target, factor)
         if grad_b is not None:
             grad_b = (grad_b * factor).to(ctx.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
     ignore_index: int = -100, softcap: float | None = None, logit_scale: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None, reduction: str = "mean", chunk_size: int | None = None,
+    token_stats_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the LM head's logits without materialising them.
 
@@ -173,6 +190,9 @@ def fused_linear_cross_entropy(
             see :mod:`pronghorn.training.loss` for the normalisation rule.
         reduction: ``"mean"`` (normalised as above) or ``"sum"`` (sum over label tokens).
         chunk_size: token rows per chunk; None picks it from free memory (see :func:`pick_chunk_rows`).
+        token_stats_out: optional fp32 ``[3]`` tensor on ``hidden``'s device; this call adds, in place,
+            its label-token count, how many of those have the label as the logits' argmax, and their
+            summed entropy (nats): what ``mean_token_accuracy`` and ``entropy`` are logged from.
 
     Returns the fp32 scalar loss. Under autocast, hidden/weight/bias are cast to the autocast
     dtype first, as ``nn.Linear`` would be. Without Triton it runs the unfused reference.
@@ -187,13 +207,14 @@ def fused_linear_cross_entropy(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(hidden, weight, labels, bias)
+    check_token_stats_out(token_stats_out, hidden.device)
     if not use_triton(hidden, weight):
         return fused_linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, softcap, logit_scale,
-                                                    num_items_in_batch, reduction)
+                                                    num_items_in_batch, reduction, token_stats_out=token_stats_out)
     with torch.autocast(device_type, enabled=False):
         return FusedLinearCrossEntropyFunction.apply(
             hidden, weight, bias, labels, int(ignore_index), None if softcap is None else float(softcap),
-            float(logit_scale), num_items_in_batch, reduction, chunk_size,
+            float(logit_scale), num_items_in_batch, reduction, chunk_size, token_stats_out,
         )
 
 
@@ -201,7 +222,7 @@ def causal_lm_fused_loss(
     hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None, *, lm_head_bias: torch.Tensor | None = None, ignore_index: int = -100,
     softcap: float | None = None, logit_scale: float = 1.0, num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, token_stats_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token loss of a causal LM from its final hidden states, Hugging Face semantics.
 
@@ -212,7 +233,7 @@ def causal_lm_fused_loss(
             last position of each row getting ``ignore_index``.
         shift_labels: ``[B, S]`` already shifted (as TRL/transformers pass for padding-free and
             packed batches); give exactly one of ``labels`` and ``shift_labels``.
-        ignore_index, softcap, logit_scale, num_items_in_batch, chunk_size: as in
+        ignore_index, softcap, logit_scale, num_items_in_batch, chunk_size, token_stats_out: as in
             :func:`fused_linear_cross_entropy` (mean reduction).
     """
     if (labels is None) == (shift_labels is None):
@@ -232,4 +253,5 @@ def causal_lm_fused_loss(
         hidden_states.reshape(batch * seq, hid), lm_head_weight, shift_labels.reshape(-1), lm_head_bias,
         ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
         num_items_in_batch=num_items_in_batch, reduction="mean", chunk_size=chunk_size,
+        token_stats_out=token_stats_out,
     )

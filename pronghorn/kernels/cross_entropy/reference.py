@@ -28,6 +28,44 @@ def transform_logits(logits: torch.Tensor, softcap: float | None = None, logit_s
     return z
 
 
+# Rows per step of token_stats_from_logits: bounds its fp32 temporaries whatever the batch size.
+_STATS_ROWS = 4096
+
+
+def check_token_stats_out(token_stats_out: torch.Tensor | None, device: torch.device) -> None:
+    """Raise unless ``token_stats_out`` is None or an fp32 tensor of shape [3] on ``device``."""
+    if token_stats_out is None:
+        return
+    if token_stats_out.shape != (3,) or token_stats_out.dtype != torch.float32 or token_stats_out.device != device:
+        raise ValueError(f"token_stats_out must be a float32 tensor of shape [3] on {device} (label tokens, "
+                         f"top-1 correct, summed entropy), got {token_stats_out.dtype} {tuple(token_stats_out.shape)} "
+                         f"on {token_stats_out.device}")
+
+
+@torch.no_grad()
+def token_stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                            softcap: float | None = None, logit_scale: float = 1.0) -> torch.Tensor:
+    """Training-log statistics of ``logits [N, V]`` against ``labels [N]``, over rows whose label is not ignored.
+
+    Returns an fp32 tensor ``[label tokens, label tokens whose label is the argmax, summed entropy (nats)]``
+    of the distribution ``softmax(y)``, ``y`` the logits after ``logit_scale`` and ``softcap`` (the ones the
+    loss sees). Ties go to the lowest index, as ``torch.argmax``. Works through the rows in slices, so its
+    fp32 temporaries stay small next to the logits themselves.
+    """
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    out = torch.zeros(3, dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], _STATS_ROWS):
+        lab = labels[start:start + _STATS_ROWS]
+        valid = lab != ignore_index
+        z = transform_logits(logits[start:start + _STATS_ROWS], softcap, logit_scale)
+        logp = torch.log_softmax(z, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        out[0] += valid.sum()
+        out[1] += (valid & (z.argmax(-1) == lab)).sum()
+        out[2] += entropy[valid].sum()
+    return out
+
+
 def cross_entropy_from_logits_reference(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, softcap: float | None = None,
     logit_scale: float = 1.0, num_items_in_batch: int | torch.Tensor | None = None, reduction: str = "mean",
@@ -47,11 +85,16 @@ def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
     ignore_index: int = -100, softcap: float | None = None, logit_scale: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None, reduction: str = "mean", chunk_size: int | None = None,
+    token_stats_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LM head then cross-entropy, unfused: ``logits = hidden @ weight.T (+ bias)`` in the input dtype
     (as ``nn.Linear`` computes it), then :func:`cross_entropy_from_logits_reference`.
-    ``chunk_size`` is accepted for signature parity and ignored."""
+    ``chunk_size`` is accepted for signature parity and ignored; ``token_stats_out`` (fp32 ``[3]``)
+    receives :func:`token_stats_from_logits`, added in place."""
+    check_token_stats_out(token_stats_out, hidden.device)
     logits = F.linear(hidden, weight, bias)
+    if token_stats_out is not None:
+        token_stats_out += token_stats_from_logits(logits, labels, ignore_index, softcap, logit_scale)
     return cross_entropy_from_logits_reference(
         logits, labels, ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
         num_items_in_batch=num_items_in_batch, reduction=reduction,
