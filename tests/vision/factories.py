@@ -288,11 +288,22 @@ def tiny_vlm(family: str, seed: int = 0, dtype=torch.float32):
     return model.eval(), processor
 
 
+def tiny_vlm_model(family: str, seed: int = 0, dtype=torch.float32):
+    """A random-init model of ``family`` without its processor (for families whose processor cannot be built
+    here, see ``NO_PROCESSOR_HERE``)."""
+    spec = VLM_FAMILY_SPECS[family]
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(spec.config(spec.tokenizer()), dtype=dtype).eval()
+
+
 def save_tiny_vlm(family: str, path, seed: int = 0):
     """Write a tiny VLM and its processor to ``path`` (a local checkpoint directory); returns the path."""
-    model, processor = tiny_vlm(family, seed=seed)
+    model = tiny_vlm_model(family, seed=seed)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    if family in NO_PROCESSOR_HERE:
+        VLM_FAMILY_SPECS[family].tokenizer().save_pretrained(path)
+    else:
+        tiny_processor(family).save_pretrained(path)
     return path
 
 
@@ -303,3 +314,64 @@ def test_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
     ramp = torch.linspace(0, 191, width).view(1, width, 1).expand(height, width, 3)
     data = (noise + ramp).clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(data, mode="RGB")
+
+
+# ------------------------------------------------------------------------------------------ data helpers
+
+# PixtralProcessor (Mistral 3, Pixtral-in-Llava) imports torchvision when its module loads in transformers
+# 5.23, so it cannot be built on this machine; those families are tested on hand-built inputs instead.
+NO_PROCESSOR_HERE = {
+    "llava_pixtral": "PixtralProcessor needs torchvision (imported at module load in transformers 5.23)",
+    "mistral3": "PixtralProcessor needs torchvision (imported at module load in transformers 5.23)",
+}
+PROCESSOR_FAMILIES = [f for f in VLM_FAMILIES if f not in NO_PROCESSOR_HERE]
+
+
+def mixed_examples(seed: int = 0) -> list[dict]:
+    """Four chat examples: one image (in the part), none (text-only), three (from the ``images`` column),
+    and text-only again with list-of-parts content. Images have different sizes."""
+    a, b, c, d = (test_image(40 + 8 * i, 30 + 6 * i, seed + i) for i in range(4))
+    return [
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "What?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "A red fox."}]}]},
+        {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi, how?"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                                   {"type": "image"}, {"type": "image"}]},
+                      {"role": "assistant", "content": "The dog is quick."}], "images": [b, c, d]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Numbers 1 2 3"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "4 5 6"}]}]},
+    ]
+
+
+def pixtral_manual_batch(family: str, seed: int = 0) -> dict:
+    """Model inputs for the Pixtral-vision families built by hand (no processor here): two rows, the
+    first with one image (56 px for Mistral 3: one 28 px image would be a single merged feature, which
+    transformers' Mistral 3 squeezes away) laid out as Pixtral's processor does ([IMG] per feature, [IMG_BREAK] after
+    each row of features, [IMG_END] last), the second text-only, right-padded."""
+    spec = VLM_FAMILY_SPECS[family]
+    tok = spec.tokenizer()
+    merge, pixels = (2, 56) if family == "mistral3" else (1, 28)
+    side = pixels // 14 // merge
+    img, brk, end = (tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
+    image_ids = []
+    for r in range(side):
+        image_ids += [img] * side + [end if r == side - 1 else brk]
+    text = tok("describe the fox", add_special_tokens=False)["input_ids"]
+    answer = tok(" a quick brown fox</s>", add_special_tokens=False)["input_ids"]
+    row0 = [tok.bos_token_id] + tok("[INST]", add_special_tokens=False)["input_ids"] + image_ids + text + \
+        tok("[/INST]", add_special_tokens=False)["input_ids"] + answer
+    row1 = [tok.bos_token_id] + tok("[INST]hello[/INST] hi there</s>", add_special_tokens=False)["input_ids"]
+    length = max(len(row0), len(row1))
+    ids = torch.full((2, length), tok.pad_token_id)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for i, row in enumerate((row0, row1)):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    for token in (img, brk, end):
+        labels[ids == token] = -100
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": torch.randn(1, 3, pixels, pixels, generator=g),
+            "image_sizes": torch.tensor([[pixels, pixels]])}

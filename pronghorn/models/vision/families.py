@@ -45,7 +45,13 @@ class VisionFamilySpec:
     quant_skip: tuple[str, ...] = ()
 
     def skip_modules(self) -> list[str]:
-        return sorted(set(_ALWAYS_SKIP) | set(self.quant_skip) | {p.rsplit(".", 1)[-1] for p in self.projector})
+        return _skip_patterns(set(_ALWAYS_SKIP) | set(self.quant_skip) | set(self.projector))
+
+
+def _skip_patterns(fragments) -> list[str]:
+    """transformers matches ``llm_int8_skip_modules`` entries from the start of a module's full name (as a
+    regex, up to a module boundary) or as its suffix; a leading ``.*`` lets a fragment sit at any depth."""
+    return sorted(".*" + re.escape(fragment) for fragment in fragments)
 
 
 QWEN2_VL = VisionFamilySpec(
@@ -99,7 +105,7 @@ def quant_skip_modules(config) -> list[str]:
     spec = vision_spec_for_config(config)
     if spec is not None:
         return spec.skip_modules()
-    return sorted(set(_ALWAYS_SKIP) | set(_GENERIC_SKIP))
+    return _skip_patterns(set(_ALWAYS_SKIP) | set(_GENERIC_SKIP))
 
 
 def model_body(model: nn.Module) -> nn.Module:
