@@ -102,7 +102,8 @@ class SFTTrainer(trl.SFTTrainer):
         if train_dataset is not None and not skip_prepare:
             check_sft_dataset(train_dataset, args.dataset_text_field, kwargs.get("formatting_func"))
         if args.padding_free is None:
-            args.padding_free = not args.packing
+            # A vision-language processor means image batches, which TRL does not run padding-free.
+            args.padding_free = not args.packing and not isinstance(processing_class, transformers.ProcessorMixin)
         if args.padding_free and not args.packing and kwargs.get("data_collator") is None \
                 and processing_class is not None and hasattr(processing_class, "pad_token_id"):
             kwargs["data_collator"], args = _padding_free_collator(processing_class, args)

@@ -307,7 +307,7 @@ def save_tiny_vlm(family: str, path, seed: int = 0):
     return path
 
 
-def test_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
+def sample_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
     """A small deterministic RGB image (a colour gradient plus noise, so pixels differ)."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randint(0, 64, (height, width, 3), generator=g)
@@ -330,7 +330,7 @@ PROCESSOR_FAMILIES = [f for f in VLM_FAMILIES if f not in NO_PROCESSOR_HERE]
 def mixed_examples(seed: int = 0) -> list[dict]:
     """Four chat examples: one image (in the part), none (text-only), three (from the ``images`` column),
     and text-only again with list-of-parts content. Images have different sizes."""
-    a, b, c, d = (test_image(40 + 8 * i, 30 + 6 * i, seed + i) for i in range(4))
+    a, b, c, d = (sample_image(40 + 8 * i, 30 + 6 * i, seed + i) for i in range(4))
     return [
         {"messages": [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "What?"}]},
                       {"role": "assistant", "content": [{"type": "text", "text": "A red fox."}]}]},
