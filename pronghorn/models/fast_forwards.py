@@ -83,6 +83,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, original, **kwargs):
     """Training steps with labels compute the loss chunk by chunk from hidden states (logits never exist);
     everything else (evaluation, generation, inference mode) takes the model's own forward."""
+    from pronghorn.nn.lora import begin_step
+
+    begin_step()  # LoRA factors are cast once per step (forward, recompute and backward share them)
     shift_labels = kwargs.get("shift_labels")
     patch = getattr(self, "_pronghorn_patch", None)
     fused = (

@@ -87,3 +87,6 @@ def unpatch_model(model: nn.Module) -> None:
     for module, _ in record.patched:
         module.__dict__.pop("forward", None)
     del model._pronghorn_patch
+    from pronghorn.nn.lora import end_steps
+
+    end_steps()  # no later call may reuse LoRA casts made while the patch was on

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from pronghorn.kernels.lora import LoraParts, lora_linear, lora_mlp, lora_qkv, lora_qkv_fused
+from pronghorn.kernels.lora.cast_cache import begin_step, end_steps
 
-__all__ = ["LoraParts", "activation_of", "fused_linear_forward", "fused_mlp_forward", "fused_o_forward",
+__all__ = ["LoraParts", "activation_of", "begin_step", "end_steps", "fused_linear_forward", "fused_mlp_forward", "fused_o_forward",
            "fused_qkv_forward", "lora_parts"]
 
 

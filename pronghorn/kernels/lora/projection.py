@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dequant.weights import dense_weight
+from . import cast_cache
 from .parts import LoraParts
 
 PER_PROJ = 4  # weight, A, B, bias in the flat argument list of the autograd Functions
@@ -52,7 +53,7 @@ def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[lis
     lora = [p for p in parts if p.A is not None]
     xas_iter = iter(())
     if lora:
-        a_cat = torch.cat([cast_to(p.A, dtype) for p in lora]) if len(lora) > 1 else cast_to(lora[0].A, dtype)
+        a_cat = cast_cache.cat_rows([p.A for p in lora], dtype)
         xa_all = x2 @ a_cat.t()
         xas_iter = iter(xa_all.split([p.A.shape[0] for p in lora], dim=1))
     outs, xas = [], []
@@ -62,7 +63,7 @@ def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[lis
         del w  # a dequantized weight is freed here, before the next projection materialises its own
         xa = next(xas_iter) if p.A is not None else None
         if xa is not None:
-            y.addmm_(xa, cast_to(p.B, dtype).t(), alpha=p.scale)
+            y.addmm_(xa, cast_cache.cast(p.B, dtype).t(), alpha=p.scale)
         outs.append(y)
         xas.append(xa)
     return outs, xas
@@ -79,7 +80,7 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
         if need_b[i]:
             d_bs[i] = dy.t() @ (xas[i] * p.scale)
         if need_dx or need_a[i]:
-            ts[i] = (dy @ cast_to(p.B, dtype)) * p.scale
+            ts[i] = (dy @ cast_cache.cast(p.B, dtype)) * p.scale
     if any(need_a[i] for i in ts):
         for i in ts:
             if need_a[i]:
@@ -93,9 +94,7 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
         if ts:
             order = list(ts)
             t_cat = torch.cat([ts[i] for i in order], dim=1) if len(order) > 1 else ts[order[0]]
-            a_list = [cast_to(parts[i].A, dtype) for i in order]
-            a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]
-            dx.addmm_(t_cat, a_cat)
+            dx.addmm_(t_cat, cast_cache.cat_rows([parts[i].A for i in order], dtype))
     return dx, d_as, d_bs
 
 

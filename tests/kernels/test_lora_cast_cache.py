@@ -1,0 +1,60 @@
+"""The per-step cache of LoRA factors cast to the compute dtype."""
+import torch
+
+from pronghorn.kernels.lora import cast_cache, lora_mlp
+
+
+def _mlp_parts(hidden=16, inter=24, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def proj(out, inp):
+        return (torch.randn(out, inp, generator=g).bfloat16(), torch.randn(r, inp, generator=g) * 0.1,
+                torch.randn(out, r, generator=g) * 0.1, 0.5)
+
+    return proj(inter, hidden), proj(inter, hidden), proj(hidden, inter)
+
+
+def test_casts_are_shared_within_a_step_and_dropped_at_the_next():
+    a = torch.randn(4, 8)
+    cast_cache.begin_step()
+    try:
+        first = cast_cache.cast(a, torch.bfloat16)
+        assert cast_cache.cast(a, torch.bfloat16) is first
+        cat = cast_cache.cat_rows([a, a * 2], torch.bfloat16)
+        assert cast_cache.cat_rows([a, a * 2], torch.bfloat16) is not None
+        torch.testing.assert_close(cat.float(), torch.cat([a, a * 2]).bfloat16().float())
+        cast_cache.begin_step()
+        assert cast_cache.cast(a, torch.bfloat16) is not first
+    finally:
+        cast_cache.end_steps()
+
+
+def test_no_caching_outside_a_step_or_without_grad():
+    a = torch.randn(4, 8)
+    assert cast_cache.cast(a, torch.bfloat16) is not cast_cache.cast(a, torch.bfloat16)
+    with torch.no_grad():
+        cast_cache.begin_step()
+    assert cast_cache.cast(a, torch.bfloat16) is not cast_cache.cast(a, torch.bfloat16)
+
+
+def test_an_optimizer_step_between_steps_is_seen():
+    """Fused optimizers update weights without bumping their version; the next step must still see the update."""
+    gate, up, down = _mlp_parts()
+    x = torch.randn(3, 16).bfloat16()
+    params = [p[1].requires_grad_() for p in (gate, up, down)]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    try:
+        for _ in range(2):
+            cast_cache.begin_step()
+            y = lora_mlp(x, gate, up, down)
+            y.float().square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        stale = lora_mlp(x, gate, up, down)  # same step as the casts: shows what a missed reset would give
+        cast_cache.begin_step()
+        got = lora_mlp(x, gate, up, down)
+    finally:
+        cast_cache.end_steps()
+    fresh = lora_mlp(x, gate, up, down)  # no cache at all
+    assert torch.equal(got, fresh)
+    assert not torch.equal(stale, fresh)
