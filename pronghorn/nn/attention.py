@@ -5,11 +5,12 @@ The choice is made from what is installed, the device, and what the model's atte
 - ``flash_attention_3`` (package ``flash_attn_interface``, Hopper GPUs) or ``flash_attention_2``
   (package ``flash_attn``): varlen kernels, so padding-free batches cost nothing extra; both take
   ``softcap`` and sliding windows.
-- ``pronghorn_sdpa_varlen`` (this module): PyTorch's ``scaled_dot_product_attention`` run once
-  per sequence of a padding-free / packed stream. Without it, transformers' ``sdpa`` builds a dense
-  ``[tokens, tokens]`` block-diagonal mask for a packed stream, which forces sdpa off its flash
-  kernel and spends attention FLOPs on every cross-sequence block. Per-sequence calls keep the
-  causal flash kernel and exact cost ``sum(len_i^2)``. Padded batches (a 2-D ``attention_mask``)
+- ``pronghorn_sdpa_varlen`` (this module): on CUDA, PyTorch's own varlen flash attention
+  (``torch.nn.attention.varlen``, torch >= 2.10) over the whole padding-free / packed stream in one
+  launch; elsewhere ``scaled_dot_product_attention`` run once per sequence of the stream. Without
+  it, transformers' ``sdpa`` builds a dense ``[tokens, tokens]`` block-diagonal mask for a packed
+  stream, which forces sdpa off its flash kernel and spends attention FLOPs on every cross-sequence
+  block. Both of ours keep causal flash kernels and the exact cost ``sum(len_i^2)``. Padded batches (a 2-D ``attention_mask``)
   and decoding with a cache go through transformers' own ``sdpa`` unchanged.
 - ``eager``: attention logit softcapping (Gemma 2) on CPU, or when nothing faster supports it.
   ``flex_attention`` supports softcapping too but compiles per distinct shape (a padding-free
@@ -21,6 +22,7 @@ first call, never at import).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import weakref
@@ -166,7 +168,7 @@ def _varlen_sdpa_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-_SEGMENT_CACHE: list = [None, None]  # [weakref to position_ids, per-row segment lengths]
+_SEGMENT_CACHE: list = [None, None, None]  # [weakref to position_ids, per-row lengths, cu_seqlens on device]
 
 
 def _segment_lengths(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[int]]:
@@ -185,8 +187,61 @@ def _segment_lengths(position_ids: torch.Tensor | None, batch: int, length: int)
         idx = row.nonzero().flatten().tolist()
         idx = ([0] if not idx or idx[0] != 0 else []) + idx + [length]
         rows.append([b - a for a, b in zip(idx[:-1], idx[1:])])
-    _SEGMENT_CACHE[0], _SEGMENT_CACHE[1] = weakref.ref(position_ids), rows
+    _SEGMENT_CACHE[0], _SEGMENT_CACHE[1], _SEGMENT_CACHE[2] = weakref.ref(position_ids), rows, None
     return rows
+
+
+def _cu_seqlens(position_ids, rows: list[list[int]], device) -> torch.Tensor:
+    """Cumulative sequence starts over all rows (int32, on ``device``), cached with the lengths."""
+    if position_ids is not None and _SEGMENT_CACHE[1] is rows and _SEGMENT_CACHE[2] is not None:
+        return _SEGMENT_CACHE[2]
+    lengths = [n for row in rows for n in row]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
+    if position_ids is not None and _SEGMENT_CACHE[1] is rows:
+        _SEGMENT_CACHE[2] = cu
+    return cu
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_kernel():
+    """PyTorch's own varlen flash attention (torch >= 2.10) and the keyword style it takes, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+def _flat_varlen_attention(kernel, query, key, value, rows, position_ids, scaling, sliding_window):
+    """One flash-attention launch over every sequence of every row, or None where the kernel cannot apply."""
+    varlen_attn, has_window, has_gqa = kernel
+    if sliding_window is not None and not has_window:
+        return None
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+
+    def flat(t):
+        return t.transpose(1, 2).reshape(batch * q_len, t.shape[1], dim)
+
+    q, k, v = flat(query), flat(key), flat(value)
+    kwargs = {"scale": scaling}
+    if kv_heads != heads:
+        if has_gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    if has_window:
+        # transformers' window w lets query i see keys i-w+1 .. i
+        kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+    else:
+        kwargs["is_causal"] = True
+    cu = _cu_seqlens(position_ids, rows, query.device)
+    longest = max(n for row in rows for n in row)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+    return out.reshape(batch, q_len, heads, dim)
 
 
 def _window_mask(length: int, window: int, device) -> torch.Tensor:
@@ -232,9 +287,18 @@ def varlen_sdpa_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             sliding_window=sliding_window, position_ids=position_ids, **kwargs,
         )
+    segments = _segment_lengths(position_ids, batch, q_len)
+    if query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
+        kernel = _varlen_kernel()
+        if kernel is not None:
+            # One launch for the whole stream; a loop of per-sequence sdpa calls also meets a new shape
+            # per sequence, which some sdpa backends (cuDNN) pay for with a fresh plan each time.
+            out = _flat_varlen_attention(kernel, query, key, value, segments, position_ids, scaling, sliding_window)
+            if out is not None:
+                return out, None
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, lengths in enumerate(_segment_lengths(position_ids, batch, q_len)):
+    for b, lengths in enumerate(segments):
         q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
         if len(lengths) > _MAX_SEGMENTS_FOR_LOOP:
             mask = _block_causal_mask(lengths, sliding_window, query.device)
