@@ -10,7 +10,9 @@ head (full fine-tuning) and once frozen (LoRA). Activation rows also give GB/s a
 minimal traffic (forward reads gate and up and writes h; backward reads dh, gate, up and writes
 dgate, dup). The activation inputs are leaf tensors, so pronghorn's in-place backward (which only
 applies to fresh projection outputs) is not in play and its peak memory here is the allocating
-one. Takes well under two minutes on an H100, most of it compiling the references.
+one. The ``pronghorn_token_stats`` cross-entropy row also measures the token accuracy and entropy
+that SFTTrainer logs (``token_stats_out``). Takes well under two minutes on an H100, most of it
+compiling the references.
 
 ``--smoke`` runs tiny shapes so the script itself can be checked on CPU under TRITON_INTERPRET=1.
 """
@@ -100,7 +102,11 @@ def bench_cross_entropy(shape, device, args, train_weight: bool) -> list[dict]:
     labels[::10] = -100
     matmuls = 3 if train_weight else 2
     flops = 2 * tokens * hid * vocab * matmuls
-    impls = {"pronghorn": fused_linear_cross_entropy, "reference_eager": fused_linear_cross_entropy_reference,
+    stats = torch.zeros(3, device=device)
+    impls = {"pronghorn": fused_linear_cross_entropy,
+             # what SFTTrainer runs: the same loss plus the token accuracy / entropy it logs
+             "pronghorn_token_stats": lambda h, w, y: fused_linear_cross_entropy(h, w, y, token_stats_out=stats),
+             "reference_eager": fused_linear_cross_entropy_reference,
              "reference_compile": _compiled(fused_linear_cross_entropy_reference, args.compile)}
     with torch.no_grad():
         want = fused_linear_cross_entropy_reference(hidden, weight, labels).item()
@@ -134,19 +140,19 @@ def bench_cross_entropy(shape, device, args, train_weight: bool) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'op':<22}{'impl':<19}{'head':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x eager':>9}{'peak MiB':>10}" \
+    head = f"{'op':<22}{'impl':<23}{'head':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x eager':>9}{'peak MiB':>10}" \
            f"{'GB/s':>8}{'TFLOP/s':>9}"
     print(head)
     print("-" * len(head))
     eager = {(r["op"], r.get("lm_head")): r.get("fwd_bwd_ms") for r in rows if r["impl"] == "reference_eager"}
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:<22}{r['impl']:<19}{r.get('lm_head', ''):<10}  error: {r['error'][:80]}")
+            print(f"{r['op']:<22}{r['impl']:<23}{r.get('lm_head', ''):<10}  error: {r['error'][:80]}")
             continue
         base = eager.get((r["op"], r.get("lm_head")))
         speedup = base / r["fwd_bwd_ms"] if base else None
         cell = common.fmt_cell
-        print(f"{r['op']:<22}{r['impl']:<19}{r.get('lm_head', ''):<10}{cell(r.get('fwd_ms'), '9.3f')}"
+        print(f"{r['op']:<22}{r['impl']:<23}{r.get('lm_head', ''):<10}{cell(r.get('fwd_ms'), '9.3f')}"
               f"{cell(r['fwd_bwd_ms'], '12.3f')}{cell(speedup, '9.2f')}{cell(r['peak_mib'], '10.0f')}"
               f"{cell(r.get('fwd_bwd_gbps'), '8.0f')}{cell(r.get('tflops'), '9.0f')}")
 
