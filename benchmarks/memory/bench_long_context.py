@@ -1,8 +1,9 @@
 """Longest trainable context at batch 1: double, then bisect, the sequence length until out of memory.
 
 Every trial (one length, one configuration) runs in a fresh process, so an out-of-memory error
-leaves nothing behind for the next trial. A trial loads the model, runs one warm-up and one timed
-training step (forward + backward + AdamW) on random tokens, and records tokens/s and peak memory.
+leaves nothing behind for the next trial. A trial loads the model, creates AdamW's state, runs
+``--warmup-steps`` untimed steps (1) and one timed training step (forward + backward + AdamW) on random
+tokens, and records tokens/s and peak memory.
 
 Configurations: ``pronghorn`` (offloaded checkpointing, the default ``"unsloth"`` mode),
 ``pronghorn_tiled`` (the same plus the tiled MLP), ``unsloth``, ``hf_peft`` (non-reentrant
@@ -54,13 +55,26 @@ def trial(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step()
+        # AdamW's state (two fp32 moments per LoRA weight) exists from the first step on: make it now, with
+        # zero gradients and no weight decay, so even a single timed step peaks with it in memory.
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        wd = [grp["weight_decay"] for grp in opt.param_groups]
+        for grp in opt.param_groups:
+            grp["weight_decay"] = 0.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for grp, w in zip(opt.param_groups, wd):
+            grp["weight_decay"] = w
+        for _ in range(args.warmup_steps):
+            step()
         _shared.common.sync(args.device)
         t0 = time.perf_counter()
         step()
         _shared.common.sync(args.device)
         dt = time.perf_counter() - t0
-        rec.update(status="ok", step_s=dt, tokens_per_s=args.seq / dt, peak_gib=_shared.common.peak_gib(args.device))
+        rec.update(status="ok", step_s=dt, tokens_per_s=args.seq / dt, warmup_steps=args.warmup_steps,
+                   peak_gib=_shared.common.peak_gib(args.device))
     except Exception as e:  # an OOM is the expected end of the search
         rec.update(_shared.common.failure_fields(e))
     _shared.common.write_json(args.out, rec)
@@ -77,7 +91,8 @@ def search(args, config: str, mode: str, model_dir: Path) -> dict:
         out.unlink(missing_ok=True)
         left = args.budget_s - (time.perf_counter() - t_start)
         argv = [__file__, "--trial", "--config", config, "--mode", mode, "--seq", str(seq), "--out", str(out),
-                "--shape", args.shape, "--model-dir", str(model_dir), "--device", args.device]
+                "--shape", args.shape, "--model-dir", str(model_dir), "--device", args.device,
+                "--warmup-steps", str(args.warmup_steps)]
         rec = _shared.run_child(argv, out, max(30.0, min(args.trial_timeout_s, left)))
         trials.append({k: rec.get(k) for k in ("seq_len", "status", "tokens_per_s", "peak_gib", "step_s",
                                                "wall_s", "process", "error")} | {"seq_len": seq})
@@ -118,6 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=450, help="per configuration and mode (all its trials)")
     p.add_argument("--trial-timeout-s", type=float, default=240)
+    p.add_argument("--warmup-steps", type=int, default=1,
+                   help="untimed steps before the timed one (0 at the longest lengths, where a step takes minutes; "
+                        "the first step's tokens/s then includes one-time kernel compilation)")
     args = p.parse_args(argv)
     if args.trial:
         rec = trial(args)
