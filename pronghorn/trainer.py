@@ -3,7 +3,12 @@
     from pronghorn.trainer import UnslothVisionDataCollator, SFTTrainer, SFTConfig
 """
 from pronghorn.data.vision.collator import VisionDataCollator
-from pronghorn.training.sft import SFTConfig, SFTTrainer, UnslothTrainer, UnslothTrainingArguments
+from pronghorn.training.sft import (
+    SFTConfig,
+    SFTTrainer,
+    UnslothTrainer,
+    UnslothTrainingArguments,
+)
 
 UnslothVisionDataCollator = VisionDataCollator
 

@@ -14,13 +14,17 @@ Other suites (VLM export) import :func:`tiny_vlm`, :func:`save_tiny_vlm` and :da
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    PreTrainedTokenizerFast,
+)
 
 from tests.factories import _bpe_tokenizer_json
 
@@ -59,8 +63,8 @@ MISTRAL_VISION = _PARTS + (
 
 # ------------------------------------------------------------------------------------------ tokenizer
 
-_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512}
 
 
 def vision_tokenizer(extra_tokens: dict[str, str], eos: str, bos: str | None = None, pad: str = "<pad>",
@@ -104,9 +108,11 @@ def _qwen_tokenizer():
 
 def _qwen_processor(processor_cls_name: str, patch_size: int):
     def build(tok):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
         import transformers
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
         from pronghorn.models.vision.processors import image_only_processor
 
         factor = patch_size * 2
@@ -124,8 +130,8 @@ def _qwen_config(model_type: str, patch_size: int):
         text = dict(_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                     bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                         "mrope_section": [2, 3, 3]})
-        vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=patch_size, spatial_merge_size=2,
-                      temporal_patch_size=2)
+        vision = {"depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": patch_size, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2}
         if model_type == "qwen2_vl":
             vision.update(embed_dim=32, mlp_ratio=2)
         elif model_type == "qwen2_5_vl":
@@ -147,7 +153,9 @@ def _gemma3_tokenizer():
 
 def _gemma3_processor(tok):
     from transformers import Gemma3Processor
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.gemma3.image_processing_pil_gemma3 import (
+        Gemma3ImageProcessorPil,
+    )
 
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
     return Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=GEMMA3_VISION,
@@ -157,8 +165,8 @@ def _gemma3_processor(tok):
 def _gemma3_config(tok):
     text = dict(_TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 bos_token_id=tok.bos_token_id, sliding_window=32, query_pre_attn_scalar=16)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=28, patch_size=14, vision_use_head=False)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14, "vision_use_head": False}
     return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                 boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
                                 image_token_index=tok.image_token_id)
@@ -171,7 +179,9 @@ def _mllama_tokenizer():
 
 def _mllama_processor(tok):
     from transformers import MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        MllamaImageProcessorPil,
+    )
 
     image_processor = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=2)
     return MllamaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAMA3_VISION)
@@ -181,10 +191,10 @@ def _mllama_config(tok):
     text = dict(_TEXT, num_hidden_layers=3, cross_attention_layers=[1], vocab_size=len(tok),
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     text.pop("head_dim")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-                  attention_heads=2, image_size=28, patch_size=14, max_num_tiles=2,
-                  intermediate_layers_indices=[0], vision_output_dim=64,
-                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_global_layers": 1,
+                  "attention_heads": 2, "image_size": 28, "patch_size": 14, "max_num_tiles": 2,
+                  "intermediate_layers_indices": [0], "vision_output_dim": 64,
+                  "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]]}
     return AutoConfig.for_model("mllama", text_config=text, vision_config=vision,
                                 image_token_index=tok.image_token_id)
 
@@ -195,7 +205,9 @@ def _llava_tokenizer():
 
 def _llava_processor(tok):
     from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import (
+        LlavaImageProcessorPil,
+    )
 
     image_processor = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=LLAVA_VISION,
@@ -205,8 +217,8 @@ def _llava_processor(tok):
 def _llava_config(tok):
     text = dict(_TEXT, model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 2, "image_size": 28, "patch_size": 14, "projection_dim": 32}
     return AutoConfig.for_model("llava", text_config=text, vision_config=vision,
                                 image_token_index=tok.image_token_id, vision_feature_layer=-1,
                                 vision_feature_select_strategy="default", tie_word_embeddings=False)
@@ -220,7 +232,9 @@ def _pixtral_tokenizer():
 def _pixtral_processor(merge: int):
     def build(tok):
         from transformers import PixtralProcessor
-        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+        from transformers.models.pixtral.image_processing_pil_pixtral import (
+            PixtralImageProcessorPil,
+        )
 
         image_processor = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=14)
         return PixtralProcessor(image_processor=image_processor, tokenizer=tok, chat_template=MISTRAL_VISION,
@@ -229,8 +243,8 @@ def _pixtral_processor(merge: int):
 
 
 def _pixtral_vision():
-    return dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, head_dim=16, image_size=56, patch_size=14)
+    return {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "head_dim": 16, "image_size": 56, "patch_size": 14}
 
 
 def _llava_pixtral_config(tok):
@@ -266,7 +280,7 @@ VLM_FAMILY_SPECS: dict[str, VisionFamily] = {
 VLM_FAMILIES = list(VLM_FAMILY_SPECS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_config_dict(family: str):
     spec = VLM_FAMILY_SPECS[family]
     return spec.config(spec.tokenizer()).to_dict()

@@ -12,7 +12,13 @@ from pronghorn.data.vision import ImageLoadError, VisionBatchError, VisionDataCo
 from pronghorn.models.vision.processors import load_processor
 from pronghorn.trainer import UnslothVisionDataCollator
 from tests.factories import byte_bpe_tokenizer
-from tests.vision.factories import PROCESSOR_FAMILIES, mixed_examples, sample_image, tiny_processor, tiny_vlm_model
+from tests.vision.factories import (
+    PROCESSOR_FAMILIES,
+    mixed_examples,
+    sample_image,
+    tiny_processor,
+    tiny_vlm_model,
+)
 
 # Tokens that stand for (or frame) image features, per family, named independently of the collator's lookup.
 MULTIMODAL_TOKENS = {

@@ -9,7 +9,11 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from pronghorn import FastVisionModel, VisionDataCollator, unpatch_model
 from pronghorn.config.validation import ConfigError
-from pronghorn.models.vision.families import quant_skip_modules, resolve_paths, vision_spec_for_model
+from pronghorn.models.vision.families import (
+    quant_skip_modules,
+    resolve_paths,
+    vision_spec_for_model,
+)
 from pronghorn.models.vision.patching import patch_vision_model
 from pronghorn.models.vision.targets import classify_linear_layers
 from tests.vision.factories import (
@@ -18,6 +22,7 @@ from tests.vision.factories import (
     VLM_FAMILIES,
     mixed_examples,
     pixtral_manual_batch,
+    sample_image,
     save_tiny_vlm,
     tiny_processor,
     tiny_vlm_model,
@@ -49,11 +54,11 @@ def test_switches_choose_parts_and_kinds(family):
     layers = {layer.name: layer for layer in classify_linear_layers(model, spec)}
     assert {"vision", "language"} <= {layer.part for layer in layers.values()}, layers
     cases = [
-        (dict(), lambda layer: layer.part in ("vision", "projector", "language")),
-        (dict(finetune_vision_layers=False), lambda layer: layer.part == "language"),
-        (dict(finetune_language_layers=False), lambda layer: layer.part in ("vision", "projector")),
-        (dict(finetune_mlp_modules=False), lambda layer: layer.kind == "attention"),
-        (dict(finetune_attention_modules=False), lambda layer: layer.kind == "mlp"),
+        ({}, lambda layer: layer.part in ("vision", "projector", "language")),
+        ({"finetune_vision_layers": False}, lambda layer: layer.part == "language"),
+        ({"finetune_language_layers": False}, lambda layer: layer.part in ("vision", "projector")),
+        ({"finetune_mlp_modules": False}, lambda layer: layer.kind == "attention"),
+        ({"finetune_attention_modules": False}, lambda layer: layer.kind == "mlp"),
     ]
     for switches, wanted in cases:
         peft_model = _lora(copy.deepcopy(model), **switches)
@@ -217,3 +222,25 @@ def test_4bit_load_keeps_projector_in_16bit(family, tmp_path):
     layers = classify_linear_layers(model, vision_spec_for_model(model))
     assert all(kinds[layer.name] != "Linear4bit" for layer in layers if layer.part == "projector"), kinds
     assert any(kinds[layer.name] == "Linear4bit" for layer in layers if layer.part == "language"), kinds
+
+
+def test_generic_spec_reads_parts_from_the_structure():
+    from pronghorn.models.vision.families import _generic_spec
+
+    model = tiny_vlm_model("llava")
+    spec = _generic_spec(model)
+    assert spec.vision == ("vision_tower",) and spec.projector == ("multi_modal_projector",)
+    assert spec.language == "language_model" and spec.text_family.name == "llama"
+    assert not spec.fused_loss and not spec.fast_attention  # only what is verified per family
+    summary = patch_vision_model(model, spec).summary()
+    assert "lm_head_loss" not in summary and "attention" not in summary and summary["mlp"] == 2, summary
+    peft_model = _lora(model, finetune_language_layers=False)
+    assert all("language_model" not in name for name in _lora_names(peft_model))
+
+
+def test_image_only_processor_refuses_videos_with_the_fix():
+    from pronghorn.models.vision.processors import VideoUnsupportedError
+
+    processor = tiny_processor("qwen2_vl")
+    with pytest.raises(VideoUnsupportedError, match="pip install torchvision"):
+        processor._process_videos([[sample_image()]])

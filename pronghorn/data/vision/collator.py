@@ -17,7 +17,11 @@ import warnings
 
 import torch
 
-from pronghorn.data.vision.examples import ExampleFormatError, ParsedExample, parse_example
+from pronghorn.data.vision.examples import (
+    ExampleFormatError,
+    ParsedExample,
+    parse_example,
+)
 from pronghorn.data.vision.images import load_image
 from pronghorn.data.vision.resize import install_policy, resolve_size_policy
 
@@ -160,7 +164,7 @@ class VisionDataCollator:
         return dict(batch)
 
     def _process(self, texts, images, videos):
-        kwargs = dict(text=texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        kwargs = {"text": texts, "padding": True, "return_tensors": "pt", "add_special_tokens": False}
         if self.pad_to_multiple_of:
             kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
         if any(images):
@@ -267,9 +271,8 @@ def _image_layout(processor) -> str | None:
     """
     from transformers import ProcessorMixin
 
-    call = getattr(processor, "__call__", None)
     try:
-        accepts_images = call is not None and "images" in inspect.signature(call).parameters
+        accepts_images = callable(processor) and "images" in inspect.signature(processor).parameters
     except (TypeError, ValueError):
         accepts_images = False
     if not accepts_images or getattr(processor, "image_processor", None) is None:

@@ -124,7 +124,7 @@ def resolve_size_policy(processor, resize=None, max_image_size=None, min_pixels=
     if resize is False:
         return processor_default_policy(processor)
     if isinstance(resize, bool):
-        raise ValueError("resize=True is ambiguous; pass resize=<longest side in pixels>, a dict of limits, or "
+        raise ValueError("resize=True is ambiguous; pass resize=<longest side in pixels>, a dict of limits, or "  # noqa: TRY004
                          "max_image_size= / min_pixels= / max_pixels=")
     if isinstance(resize, int):
         if max_image_size is not None and max_image_size != resize:

@@ -7,7 +7,12 @@ import torch
 
 from pronghorn.config.validation import ConfigError, validate_load
 from pronghorn.models.dtypes import resolve_dtype
-from pronghorn.models.fast_language_model import _attach_exports, _enable_checkpointing, _load_adapter, _remember
+from pronghorn.models.fast_language_model import (
+    _attach_exports,
+    _enable_checkpointing,
+    _load_adapter,
+    _remember,
+)
 from pronghorn.models.modes import for_inference, for_training
 from pronghorn.models.sources import resolve_source
 
@@ -71,7 +76,7 @@ class FastVisionModel:
             raise ConfigError("FastVisionModel.from_pretrained needs model_name: a Hub name such as "
                               "'Qwen/Qwen2.5-VL-7B-Instruct' or a local checkpoint directory")
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
-        hub_kwargs = dict(token=token, revision=revision, trust_remote_code=trust_remote_code)
+        hub_kwargs = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(source.base, **hub_kwargs)
         _check_is_vision_config(config, model_name)
         skip = None if quantize_vision_projector else quant_skip_modules(config)
@@ -143,10 +148,10 @@ class FastVisionModel:
         from pronghorn.models.vision.families import vision_spec_for_model
         from pronghorn.models.vision.targets import select_lora_targets
 
-        switches = dict(finetune_vision_layers=finetune_vision_layers,
-                        finetune_language_layers=finetune_language_layers,
-                        finetune_attention_modules=finetune_attention_modules,
-                        finetune_mlp_modules=finetune_mlp_modules)
+        switches = {"finetune_vision_layers": finetune_vision_layers,
+                    "finetune_language_layers": finetune_language_layers,
+                    "finetune_attention_modules": finetune_attention_modules,
+                    "finetune_mlp_modules": finetune_mlp_modules}
         if target_modules == "all-linear":
             spec = getattr(model, "_pronghorn_vision_spec", None) or vision_spec_for_model(model)
             target_modules, _ = select_lora_targets(model, spec, **switches)
@@ -169,7 +174,9 @@ class FastVisionModel:
 
 def _check_is_vision_config(config, model_name) -> None:
     if getattr(config, "vision_config", None) is None and not hasattr(config, "vision_tower"):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
 
         if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise ConfigError(

@@ -18,7 +18,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from pronghorn.models import fast_forwards as ff
 from pronghorn.models.patching import PatchRecord, _bind, _is_rms_norm
-from pronghorn.models.vision.families import VisionFamilySpec, model_body, resolve_paths, vision_spec_for_model
+from pronghorn.models.vision.families import (
+    VisionFamilySpec,
+    model_body,
+    resolve_paths,
+    vision_spec_for_model,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_only_processor(processor_cls: type) -> type:
     """``processor_cls`` without its ``video_processor`` argument (same name, same image and text code).
 
