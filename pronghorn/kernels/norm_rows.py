@@ -1,9 +1,10 @@
 """Row layout, block sizing and row splitting shared by the row-wise norm kernels (``kernels/rms_norm``,
 ``kernels/layer_norm``).
 
-Forward kernels normalise one row per program with the whole row in registers. Backward kernels
-give each program a contiguous block of rows (:func:`split_rows`, :func:`program_rows`) and keep
-private fp32 partial sums of the weight gradients, summed afterwards: no atomics, deterministic.
+Forward kernels normalise one row per program with the whole row in registers
+(:func:`load_program_row`). Backward kernels give each program a contiguous block of rows
+(:func:`split_rows`, :func:`program_rows`) and keep private fp32 partial sums of the weight
+gradients, summed afterwards: no atomics, deterministic.
 Imports Triton: the norms import this module only once :func:`~pronghorn.kernels.backend.use_triton`
 has said the kernels can run.
 """
@@ -94,6 +95,19 @@ def split_rows(n_rows: int, device: torch.device, per_sm: int) -> tuple[int, int
         programs = max(1, min(n_rows, 4))
     rows_per_program = triton.cdiv(n_rows, programs)
     return triton.cdiv(n_rows, rows_per_program), rows_per_program
+
+
+@triton.jit
+def load_program_row(X, row_stride, n_cols, INT64: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For a forward kernel (one row per program): ``(row, cols, mask, x)``, the row index (int64 when
+    ``INT64``), the column offsets and mask, and the row of ``X`` in fp32 (0 past ``n_cols``)."""
+    row = tl.program_id(0)
+    if INT64:
+        row = row.to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(X + row * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    return row, cols, mask, x
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pronghorn.kernels.norm_rows import program_rows, row_block, split_rows, warps_for_block
+from pronghorn.kernels.norm_rows import load_program_row, program_rows, row_block, split_rows, warps_for_block
 
 
 @triton.jit
@@ -17,12 +17,7 @@ def _layer_norm_fwd_kernel(
     x_row_stride, y_row_stride, n_cols, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    if INT64:
-        row = row.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask, x = load_program_row(X, x_row_stride, n_cols, INT64, BLOCK_N)
     mean = tl.sum(x, axis=0) / n_cols
     # Two-pass variance from the centred row (already in registers): no cancellation as in E[x^2]-E[x]^2.
     xc = tl.where(mask, x - mean, 0.0)
