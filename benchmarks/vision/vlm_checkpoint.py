@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import common
 
 # Qwen2.5's special tokens, in id order from 151643 (the ids the real tokenizer gives them).
 QWEN_SPECIAL_TOKENS = [
@@ -179,7 +179,10 @@ def build_processor(shape: VLMShape, tokenizer):
     import transformers
     from transformers import Qwen2_5_VLProcessor
 
-    from pronghorn.models.vision.processors import image_only_processor, torchvision_available
+    from pronghorn.models.vision.processors import (
+        image_only_processor,
+        torchvision_available,
+    )
 
     ip = dict(shape.image_processor)
     size = {"shortest_edge": ip.pop("min_pixels"), "longest_edge": ip.pop("max_pixels")}
@@ -189,7 +192,9 @@ def build_processor(shape: VLMShape, tokenizer):
         cls = transformers.Qwen2VLImageProcessor
     else:
         try:
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+                Qwen2VLImageProcessorPil as cls,
+            )
         except ImportError:  # older transformers: the default class is the PIL one already
             cls = transformers.Qwen2VLImageProcessor
     image_processor = cls(size=size, **ip)

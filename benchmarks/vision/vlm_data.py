@@ -31,10 +31,7 @@ _QUESTIONS_TEXT = [
     "Write a short poem about the sea.", "Explain how a bicycle gear works.",
     "Give me three tips for a job interview.", "What is the capital of France and why is it famous?",
 ]
-_WORDS = ("the image shows a street with cars trees and people walking under a bright sky while a small dog "
-          "waits near the door of a shop whose sign says open from nine to five the chart has five bars and "
-          "march is highest with forty two units sold the table holds three cups two plates and a green bottle "
-          "light falls from the left so shadows point right and the colours are warm").split()
+_WORDS = ["the", "image", "shows", "a", "street", "with", "cars", "trees", "and", "people", "walking", "under", "a", "bright", "sky", "while", "a", "small", "dog", "waits", "near", "the", "door", "of", "a", "shop", "whose", "sign", "says", "open", "from", "nine", "to", "five", "the", "chart", "has", "five", "bars", "and", "march", "is", "highest", "with", "forty", "two", "units", "sold", "the", "table", "holds", "three", "cups", "two", "plates", "and", "a", "green", "bottle", "light", "falls", "from", "the", "left", "so", "shadows", "point", "right", "and", "the", "colours", "are", "warm"]
 
 
 def random_image(rng: np.random.Generator, min_side: int, max_side: int) -> Image.Image:

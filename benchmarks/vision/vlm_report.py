@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 CONFIG_ORDER = {"hf_peft": 0, "unsloth": 1, "pronghorn": 2}
-SHOWN_VERSIONS = ["torch", "triton", "transformers", "peft", "unsloth", "unsloth_zoo", "cuda"]
+SHOWN_VERSIONS = ["torch", "torchvision", "triton", "transformers", "peft", "unsloth", "unsloth_zoo", "cuda"]
 _FINAL = ("ok", "oom", "error", "timeout")
 
 
@@ -102,21 +102,21 @@ def render_markdown(records: list, check: dict) -> str:
         "",
         f"- date: {first.get('date', '?')}; device: {first.get('device', '?')}; commit: {first.get('commit', '?')}",
         "- versions: " + ", ".join(f"{k} {versions.get(k, '?')}" for k in SHOWN_VERSIONS),
-        f"- workload: batch {first.get('batch_size')} chat examples, images with sides in "
+        (f"- workload: batch {first.get('batch_size')} chat examples, images with sides in "
         f"{first.get('image_sides')} px, images per row cycling {first.get('row_image_counts')} (0 = text-only), "
         f"LoRA r={first.get('lora_r')} alpha={first.get('lora_alpha')} on language + vision layers, gradient "
         f"checkpointing, bf16 weights, bf16 autocast={first.get('autocast_bf16')}; "
         f"{first.get('warmup_steps')} warm-up + {first.get('timed_steps')} timed steps, plain loop (forward with "
-        "labels, backward, fused AdamW)",
-        "- tokens = non-padding sequence positions (text + image placeholders); text tokens exclude image "
-        "tokens; peak = max_memory_allocated over the timed steps",
+        "labels, backward, fused AdamW)"),
+        ("- tokens = non-padding sequence positions (text + image placeholders); text tokens exclude image "
+         "tokens; peak = max_memory_allocated over the timed steps"),
         f"- same tokens/images in every configuration: {check['same_workload']}"
         + ("" if check["same_workload"] else f" (differs: {check['workload_differs']})")
         + (f"; trained-label counts differ for {check['label_tokens_differ']}" if check["label_tokens_differ"]
            else "; same trained-label counts"),
         "",
-        "| config | status | tokens/s | text tok/s | images/s | ms/step | median step s | peak GiB | model GiB "
-        "| vs HF speed | vs Unsloth speed | vs Unsloth mem | loss₀ − HF | LoRA modules | load s | warm-up s |",
+        ("| config | status | tokens/s | text tok/s | images/s | ms/step | median step s | peak GiB | model GiB "
+         "| vs HF speed | vs Unsloth speed | vs Unsloth mem | loss₀ − HF | LoRA modules | load s | warm-up s |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
