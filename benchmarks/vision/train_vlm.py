@@ -25,6 +25,7 @@ its timeout still shows how far it got; an exception or out-of-memory error is r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -456,6 +457,10 @@ def suite(args) -> int:
             fh.write(line + "\n")
 
     log(f"shape={shape.name} configs={configs} budget={args.budget}s out={out} versions={versions()}")
+    if importlib.util.find_spec("PIL") is None:
+        log("Pillow is not importable, so no image can be made: add it to .gpu_site "
+            "(bash /work/shared/gpu/make_gpu_site.sh .gpu_site --with-unsloth pillow==<version>) and rerun")
+        return 2
     env = dict(os.environ, **common.OFFLINE_ENV, PYTHONUNBUFFERED="1")
     # The build runs in its own process too, so this one never holds GPU memory while the configurations run.
     build_cmd = [sys.executable, str(Path(__file__).resolve()), "build", "--shape", shape.name, "--dir",
