@@ -35,7 +35,8 @@ _WORDS = ["the", "image", "shows", "a", "street", "with", "cars", "trees", "and"
 
 def random_image(rng: np.random.Generator, min_side: int, max_side: int):
     """A PIL RGB image of random pixels, each side uniform in ``[min_side, max_side]``."""
-    from PIL import Image  # imported here so the suite can name a missing Pillow before anything runs
+    # Imported here, so the suite can name a missing Pillow before anything runs.
+    from PIL import Image
 
     width = int(rng.integers(min_side, max_side + 1))
     height = int(rng.integers(min_side, max_side + 1))
