@@ -6,6 +6,8 @@ backward is its input ``hidden_states`` ([batch, seq, hidden]); across ``L`` lay
 input is copied to pinned CPU memory on a side CUDA stream as soon as the layer has read it, and
 copied back on the same side stream one layer ahead of the backward pass that needs it, so the
 copies overlap with compute and device memory no longer grows with the number of layers.
+Pinned host memory is budgeted (:class:`HostBudget`): once the layer inputs would leave less than
+:func:`host_reserve_bytes` of host memory, the remaining layers keep their inputs on the GPU.
 
 :func:`offloaded_checkpoint` has the signature of :func:`torch.utils.checkpoint.checkpoint`, so it
 plugs into transformers' ``_gradient_checkpointing_func`` hook unchanged. On CPU tensors the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import weakref
 from typing import Any, Callable
 
@@ -61,7 +64,9 @@ class OffloadedActivation:
         self._ready: torch.cuda.Event | None = None
         self.previous = OffloadedActivation._last
         OffloadedActivation._last = weakref.ref(self)
-        if tensor.is_cuda:
+        self._host: torch.Tensor | None = None
+        self._host_bytes = tensor.numel() * tensor.element_size()
+        if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes):
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
             self._stream = _side_stream(tensor.device)
             self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
@@ -72,8 +77,10 @@ class OffloadedActivation:
             tensor.record_stream(self._stream)
             self._source: torch.Tensor | None = None
         else:
-            # Already in host memory: keep a reference (the "copy" is free) and check in backward
-            # that nobody modified it in place.
+            # Already in host memory (the "copy" is free), or host memory is nearly full: keep a
+            # reference where it is and check in backward that nobody modified it in place.
+            if tensor.is_cuda:
+                _warn_host_full_once(tensor.device)
             self._host = None
             self._stream = None
             self._source = tensor.detach()
@@ -110,8 +117,95 @@ class OffloadedActivation:
             return self._source
         self.prefetch()
         torch.cuda.current_stream(self.device).wait_event(self._ready)
-        out, self._restored, self._host = self._restored, None, None
+        out, self._restored = self._restored, None
+        self._release_host()
         return out
+
+    def _release_host(self) -> None:
+        if self._host is not None:
+            self._host = None
+            HOST_BUDGET.give(self._host_bytes)
+
+    def __del__(self):  # a forward whose backward never ran still returns its share of the budget
+        self._release_host()
+
+
+# Host memory left free for everything else (data loading, the OS, allocator slack, other processes):
+# the larger of this and HOST_RESERVE_FRACTION of the machine's memory.
+HOST_RESERVE_BYTES = 8 * 2**30
+HOST_RESERVE_FRACTION = 0.2
+
+
+def host_reserve_bytes() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    return max(HOST_RESERVE_BYTES, int(HOST_RESERVE_FRACTION * total))
+
+
+def available_host_bytes() -> int | None:
+    """Memory the kernel could still give this process (``MemAvailable``, capped by a cgroup v2 limit), or
+    None where neither can be read (non-Linux)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                left = int(limit) - int(f.read())
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+class HostBudget:
+    """Pinned host bytes that layer inputs may use, and how many they use now.
+
+    The budget is read once, at the first offload, as available host memory minus
+    :func:`host_reserve_bytes`: after that, freed pinned blocks stay cached by PyTorch for the next step,
+    so the OS's free-memory figure no longer says what offloading may reuse. At very long context the
+    layer inputs outgrow host RAM (350K tokens of an 8B model: 92 GB); pinning past it gets the process
+    killed by the OS while the GPU may still have room, so the layers beyond the budget keep their
+    inputs on the GPU.
+    """
+
+    def __init__(self):
+        self.limit: int | None = None
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.limit is None:
+            avail = available_host_bytes()
+            self.limit = -1 if avail is None else max(0, avail - host_reserve_bytes())
+        if self.limit >= 0 and self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+HOST_BUDGET = HostBudget()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_host_full_once(device: torch.device) -> None:
+    logger.warning(
+        "pronghorn: offloaded layer inputs reached the host memory budget (%.1f GiB, leaving %.1f GiB for "
+        "everything else); further checkpointed layer inputs stay in %s memory",
+        (HOST_BUDGET.limit or 0) / 2**30, host_reserve_bytes() / 2**30, device
+    )
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

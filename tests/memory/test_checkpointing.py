@@ -198,3 +198,19 @@ def test_cuda_offload_memory_does_not_grow_with_depth():
     off_growth = peak(8, "offload") - peak(2, "offload")
     assert gpu_growth >= 5 * hidden_bytes  # six more layer inputs kept on the GPU
     assert off_growth < 2 * hidden_bytes
+
+
+def test_host_budget_keeps_layers_on_device_once_host_memory_is_spoken_for(monkeypatch):
+    """Pinned layer inputs stop at the host budget (read once), and released inputs return their share."""
+    from pronghorn.memory import offload
+
+    budget = offload.HostBudget()
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: offload.host_reserve_bytes() + 250)
+    assert budget.take(100) and budget.take(100)
+    assert not budget.take(100)  # 300 > 250: this layer's input would stay on the GPU
+    budget.give(100)
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: 0)  # cached pinned blocks: not re-read
+    assert budget.take(100)
+    unknown = offload.HostBudget()
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: None)  # no /proc/meminfo: no limit
+    assert unknown.take(10**15)
