@@ -64,24 +64,28 @@ class OffloadedActivation:
         self._ready: torch.cuda.Event | None = None
         self.previous = OffloadedActivation._last
         OffloadedActivation._last = weakref.ref(self)
-        self._host: torch.Tensor | None = None
-        self._host_bytes = tensor.numel() * tensor.element_size()
+        self._host: list[torch.Tensor] | None = None
+        self._host_bytes = _pinned_bytes(tensor.numel(), tensor.element_size())
         if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes):
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            src = tensor.detach()
+            src = src if src.is_contiguous() else src.contiguous()
+            flat = src.view(-1)
+            self._host = [torch.empty(n, dtype=tensor.dtype, device="cpu", pin_memory=True)
+                          for n in _chunk_sizes(flat.numel(), tensor.element_size())]
             self._stream = _side_stream(tensor.device)
             self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(self._stream):
-                self._host.copy_(tensor.detach(), non_blocking=True)
+                for host, piece in zip(self._host, flat.split([h.numel() for h in self._host])):
+                    host.copy_(piece, non_blocking=True)
             # The compute stream may free and reuse ``tensor``'s memory once the layer is done with
             # it; tell the caching allocator the side stream still reads it.
-            tensor.record_stream(self._stream)
+            src.record_stream(self._stream)
             self._source: torch.Tensor | None = None
         else:
             # Already in host memory (the "copy" is free), or host memory is nearly full: keep a
             # reference where it is and check in backward that nobody modified it in place.
             if tensor.is_cuda:
                 _warn_host_full_once(tensor.device)
-            self._host = None
             self._stream = None
             self._source = tensor.detach()
 
@@ -94,7 +98,8 @@ class OffloadedActivation:
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         self._stream.wait_stream(compute)
         with torch.cuda.stream(self._stream):
-            out.copy_(self._host, non_blocking=True)
+            for host, piece in zip(self._host, out.view(-1).split([h.numel() for h in self._host])):
+                piece.copy_(host, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(self._stream)
         out.record_stream(self._stream)
@@ -166,6 +171,23 @@ def available_host_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return avail
+
+
+# Host copies are made of pinned chunks of this size: PyTorch's pinned-memory cache rounds every
+# allocation up to a power of two (a 2.9 GB layer input would take 4 GB) and reuses a block only for a
+# request of its size class, so equal power-of-two chunks waste nothing and are reused across steps
+# whose sequence lengths differ.
+HOST_CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_sizes(numel: int, element_size: int) -> list[int]:
+    per = max(1, HOST_CHUNK_BYTES // element_size)
+    return [min(per, numel - start) for start in range(0, numel, per)] or [0]
+
+
+def _pinned_bytes(numel: int, element_size: int) -> int:
+    """What the pinned chunks of a tensor really occupy, each rounded up to a power of two."""
+    return sum(1 << max(0, (n * element_size - 1).bit_length()) for n in _chunk_sizes(numel, element_size))
 
 
 class HostBudget:

@@ -214,3 +214,13 @@ def test_host_budget_keeps_layers_on_device_once_host_memory_is_spoken_for(monke
     unknown = offload.HostBudget()
     monkeypatch.setattr(offload, "available_host_bytes", lambda: None)  # no /proc/meminfo: no limit
     assert unknown.take(10**15)
+
+
+def test_host_chunks_cover_the_tensor_and_count_rounded_bytes():
+    from pronghorn.memory import offload
+
+    per = offload.HOST_CHUNK_BYTES // 2
+    sizes = offload._chunk_sizes(2 * per + 3, 2)
+    assert sizes == [per, per, 3] and sum(sizes) == 2 * per + 3
+    assert offload._pinned_bytes(2 * per + 3, 2) == 2 * offload.HOST_CHUNK_BYTES + 8  # 6 bytes round up to 8
+    assert offload._chunk_sizes(0, 2) == [0]  # an empty input still gets one (empty) buffer
