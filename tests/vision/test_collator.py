@@ -82,6 +82,14 @@ def test_labels_token_by_token(family):
     assert (batch["labels"] != -100).any()
 
 
+def test_labels_are_the_same_without_the_model(family):
+    """Image-framing tokens are masked from the processor's tokenizer alone (no model config needed)."""
+    processor = tiny_processor(family)
+    with_model = VisionDataCollator(tiny_vlm_model(family), processor)(mixed_examples())
+    without = VisionDataCollator(None, processor)(mixed_examples())
+    assert torch.equal(with_model["labels"], without["labels"])
+
+
 def test_responses_only_trains_exactly_the_assistant_turns(family):
     processor, batch = _collate(family, train_on_responses_only=True)
     tok = processor.tokenizer

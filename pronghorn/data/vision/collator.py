@@ -307,6 +307,12 @@ def _multimodal_token_ids(processor, tokenizer, model) -> set[int]:
             elif lowered.endswith("_token") and isinstance(value, str) and value:
                 token_id = tokenizer.convert_tokens_to_ids(value)
                 add(token_id)
+    # Special tokens whose text names an image/video marker (Qwen's <|vision_start|>, Gemma's
+    # <start_of_image>, Pixtral's [IMG_END], ...): known without the model's config.
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        content = str(getattr(added, "content", added)).lower()
+        if getattr(added, "special", False) and any(word in content for word in _MM_WORDS):
+            add(token_id)
     if model is not None:
         config = getattr(model, "config", None)
         for name in _CONFIG_TOKEN_ATTRS:
