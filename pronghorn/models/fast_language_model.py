@@ -93,13 +93,7 @@ class FastLanguageModel:
             from pronghorn.models.patching import patch_model
 
             patch_model(model)
-        if full_finetuning:
-            for param in model.parameters():
-                param.requires_grad_(True)
-            _enable_checkpointing(model, use_gradient_checkpointing)
-        if source.adapter:
-            model = _load_adapter(model, source.adapter, use_gradient_checkpointing)
-        _attach_exports(model)
+        model = _finish_loading(model, full_finetuning, use_gradient_checkpointing, source.adapter)
         return model, tokenizer
 
     @staticmethod
@@ -169,6 +163,19 @@ def _attention_for(config, requested: str | None) -> str:
         register_varlen_sdpa()
     logger.info("Attention: %s (%s)", choice.implementation, choice.reason)
     return choice.implementation
+
+
+def _finish_loading(model, full_finetuning: bool, use_gradient_checkpointing, adapter_dir):
+    """What every loader ends with: all weights trainable for full fine-tuning, a saved adapter attached
+    when the source was an adapter directory, and the export methods bound on the instance."""
+    if full_finetuning:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        _enable_checkpointing(model, use_gradient_checkpointing)
+    if adapter_dir:
+        model = _load_adapter(model, adapter_dir, use_gradient_checkpointing)
+    _attach_exports(model)
+    return model
 
 
 def _load_adapter(model, adapter_dir: str, use_gradient_checkpointing):

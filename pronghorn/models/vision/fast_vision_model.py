@@ -10,7 +10,7 @@ from pronghorn.models.dtypes import resolve_dtype
 from pronghorn.models.fast_language_model import (
     _attach_exports,
     _enable_checkpointing,
-    _load_adapter,
+    _finish_loading,
     _remember,
 )
 from pronghorn.models.modes import for_inference, for_training
@@ -100,13 +100,7 @@ class FastVisionModel:
             from pronghorn.models.vision.patching import patch_vision_model
 
             patch_vision_model(model)
-        if full_finetuning:
-            for param in model.parameters():
-                param.requires_grad_(True)
-            _enable_checkpointing(model, use_gradient_checkpointing)
-        if source.adapter:
-            model = _load_adapter(model, source.adapter, use_gradient_checkpointing)
-        _attach_exports(model)
+        model = _finish_loading(model, full_finetuning, use_gradient_checkpointing, source.adapter)
         return model, processor
 
     @staticmethod
