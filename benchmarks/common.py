@@ -374,6 +374,28 @@ def fmt_cell(value, spec: str) -> str:
 # Environment record
 # ---------------------------------------------------------------------------------------------
 
+class Timer:
+    """Per-step wall time: CUDA events on GPU (no sync inside the loop), perf_counter on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_seconds(self) -> list:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 def device_name(device: str | None = None) -> str:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":

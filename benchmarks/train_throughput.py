@@ -139,28 +139,6 @@ def make_batches(vocab_size: int, n: int, batch_size: int, seq_len: int, seed: i
     return torch.randint(0, vocab_size, (n, batch_size, seq_len), generator=gen)
 
 
-class Timer:
-    """Per-step wall time: CUDA events on GPU (no sync inside the loop), perf_counter on CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def step_seconds(self) -> list:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
 def _sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -224,7 +202,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         torch.cuda.reset_peak_memory_stats()
     if on_warmed:
         on_warmed(warm)
-    timer, losses = Timer(device), []
+    timer, losses = common.Timer(device), []
     _sync(device)
     t0 = time.perf_counter()
     timer.mark()

@@ -253,28 +253,6 @@ def _to_device(batch: dict, device: str, dtype_of_pixels) -> dict:
     return out
 
 
-class Timer:
-    """Per-step wall time: CUDA events on GPU (no sync inside the loop), perf_counter on CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.marks = []
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def step_seconds(self) -> list:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None) -> dict:
     """Plain loop: forward with the collator's labels (loss from the model), backward, fused AdamW over the
     trainable parameters, zero_grad. Warm-up steps are untimed; peak memory is reset after them."""
@@ -304,7 +282,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         torch.cuda.reset_peak_memory_stats()
     if on_warmed:
         on_warmed(warm)
-    timer, losses = Timer(device), []
+    timer, losses = common.Timer(device), []
     common.sync(device)
     t0 = time.perf_counter()
     timer.mark()
