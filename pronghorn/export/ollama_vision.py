@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import types
 
+from pronghorn.data.templates.qwen import OLLAMA_CHATML_TURNS
+
 # Qwen2-VL / Qwen2.5-VL processors' chat format: ChatML with a default system turn.
 QWEN_VL_DEFAULT_SYSTEM = "You are a helpful assistant."
 QWEN_VL_OLLAMA_TEMPLATE = """\
 {{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system
 """ + QWEN_VL_DEFAULT_SYSTEM + """<|im_end|>
 {{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 -}}
-<|im_start|>{{ .Role }}
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|im_end|>
-{{ end }}
-{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}"""
+""" + OLLAMA_CHATML_TURNS
 QWEN_VL_PIECES = (QWEN_VL_OLLAMA_TEMPLATE, ["<|im_end|>"], {"temperature": 0.7, "top_p": 0.8, "top_k": 20})
 
 # model_type -> registered chat template name whose Ollama form is the family's turn format.

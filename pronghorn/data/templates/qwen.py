@@ -121,7 +121,7 @@ QWEN3 = (r"""
 {%- endif -%}
 """).strip()
 
-_OLLAMA_CHATML = """\
+OLLAMA_CHATML_TURNS = """\
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 -}}
 <|im_start|>{{ .Role }}
@@ -206,7 +206,7 @@ _CHATML_PARTS = dict(
 )
 
 SPECS = (
-    dict(name="chatml", jinja=CHATML, ollama_template=_OLLAMA_CHATML,
+    dict(name="chatml", jinja=CHATML, ollama_template=OLLAMA_CHATML_TURNS,
          ollama_params={"temperature": 0.7, "top_p": 0.9}, aliases=("chat-ml",),
          source="ChatML as used by OpenAI/Qwen/OpenHermes: <|im_start|>{role}\\n{content}<|im_end|>\\n",
          **_CHATML_PARTS),

@@ -13,16 +13,11 @@ import os
 from collections.abc import Callable
 
 import gguf
-import numpy as np
 import torch
 
 from pronghorn.export.gguf.mmproj_specs import ProjectorSpec, VisionHParams
-from pronghorn.export.gguf.quantize import (
-    DIRECT_TYPES,
-    encode_tensor,
-    tensor_type,
-    type_nbytes,
-)
+from pronghorn.export.gguf.quantize import DIRECT_TYPES, tensor_type, type_nbytes
+from pronghorn.export.gguf.writer import write_tensors
 from pronghorn.export.merge import TensorSource
 
 Q = gguf.GGMLQuantizationType
@@ -141,15 +136,6 @@ def write_mmproj(path: str | os.PathLike, sources: list[TensorSource], spec: Pro
         writer.add_name(f"{model_name} vision projector")
         writer.add_file_type(int(DIRECT_TYPES[method][1]))
         write_vision_metadata(writer, spec, hp, image_processor)
-        for t in tensors:
-            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), type_nbytes(t.shape, t.qtype),
-                                   raw_dtype=t.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            data = encode_tensor(t.produce().float().contiguous(), t.qtype)
-            writer.write_tensor_data(np.ascontiguousarray(data))
-            del data
+        write_tensors(writer, tensors, prepare=lambda x: x.float().contiguous())
     finally:
         writer.close()

@@ -80,16 +80,21 @@ def write_gguf(path: str | os.PathLike, plan: MergePlan, family: GGUFFamily, voc
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         extra = write_arch_metadata(writer, plan.config, family)
         write_tokenizer(writer, vocab)
-        tensors = plan_gguf_tensors(plan, family, method, extra)
-        for t in tensors:
-            writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), type_nbytes(t.shape, t.qtype),
-                                   raw_dtype=t.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            data = encode_tensor(t.produce(), t.qtype)
-            writer.write_tensor_data(np.ascontiguousarray(data))
-            del data
+        write_tensors(writer, plan_gguf_tensors(plan, family, method, extra))
     finally:
         writer.close()
+
+
+def write_tensors(writer: gguf.GGUFWriter, tensors, prepare=lambda t: t) -> None:
+    """Header, metadata and tensor table, then each tensor's data, produced and encoded one at a time
+    (so memory holds one tensor, not the model). ``prepare`` adjusts each produced tensor before encoding."""
+    for t in tensors:
+        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), type_nbytes(t.shape, t.qtype),
+                               raw_dtype=t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        data = encode_tensor(prepare(t.produce()), t.qtype)
+        writer.write_tensor_data(np.ascontiguousarray(data))
+        del data
