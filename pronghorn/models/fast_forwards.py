@@ -79,6 +79,9 @@ def mlp_forward(self, hidden_states, *, spec: FamilySpec):
 # ---------------------------------------------------------------------------------------- LM head loss
 
 
+_MULTIMODAL_PREFIXES = ("pixel_values", "image_", "video_", "input_features", "audio_", "token_type_ids")
+
+
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, original, **kwargs):
     """Training steps with labels compute the loss chunk by chunk from hidden states (logits never exist);
@@ -93,6 +96,8 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         and not (patch is not None and patch.inference)
         # MoE routers add an auxiliary loss inside the model's own forward: keep that forward
         and not getattr(self.config.get_text_config(), "output_router_logits", False)
+        # images/audio/video go through the model's own body (the decoder alone would drop them)
+        and not any(v is not None and k.startswith(_MULTIMODAL_PREFIXES) for k, v in kwargs.items())
     )
     if not fused:
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

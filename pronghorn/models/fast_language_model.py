@@ -84,8 +84,10 @@ class FastLanguageModel:
             from pronghorn.models.tokenizer_setup import fix_tokenizer as _fix
 
             _fix(tokenizer, max_seq_length)
-        if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        # Multimodal configs (Gemma 3, ...) keep pad_token_id on their text config only.
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+            text_config.pad_token_id = tokenizer.pad_token_id
         model.max_seq_length = max_seq_length
         _remember(model, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                   full_finetuning=full_finetuning, base_model=source.base)

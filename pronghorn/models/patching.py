@@ -50,6 +50,12 @@ def _is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None
 
 
+def _language_model(model: nn.Module) -> nn.Module:
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
 def patch_model(model: nn.Module) -> PatchRecord:
     """Apply pronghorn's fast paths to ``model`` (a transformers causal LM) in place; returns the record.
 
@@ -62,7 +68,9 @@ def patch_model(model: nn.Module) -> PatchRecord:
     spec = spec_for(model.config.get_text_config())
     record = PatchRecord(spec)
     if spec is not None:
-        for name, module in model.named_modules():
+        # Only the language model: a multimodal checkpoint's vision tower has modules of the same names
+        # (self_attn, mlp, norms) whose math is not the text family's.
+        for name, module in _language_model(model).named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if _is_rms_norm(module):
                 _bind(record, module, "norm", ff.rms_norm_forward, spec=spec)
