@@ -10,8 +10,8 @@ The choice is made from what is installed, the device, and what the model's atte
   launch; elsewhere ``scaled_dot_product_attention`` run once per sequence of the stream. Without
   it, transformers' ``sdpa`` builds a dense ``[tokens, tokens]`` block-diagonal mask for a packed
   stream, which forces sdpa off its flash kernel and spends attention FLOPs on every cross-sequence
-  block. Both of ours keep causal flash kernels and the exact cost ``sum(len_i^2)``. Padded batches (a 2-D ``attention_mask``)
-  and decoding with a cache go through transformers' own ``sdpa`` unchanged.
+  block. Both of ours keep causal flash kernels and the exact cost ``sum(len_i^2)``. Padded batches
+  (a 2-D ``attention_mask``) and decoding with a cache go through transformers' own ``sdpa`` unchanged.
 - ``eager``: attention logit softcapping (Gemma 2) on CPU, or when nothing faster supports it.
   ``flex_attention`` supports softcapping too but compiles per distinct shape (a padding-free
   stream changes length every step) and has no CPU backward, so it is used only when requested.
@@ -196,7 +196,7 @@ def _cu_seqlens(position_ids, rows: list[list[int]], device) -> torch.Tensor:
     if position_ids is not None and _SEGMENT_CACHE[1] is rows and _SEGMENT_CACHE[2] is not None:
         return _SEGMENT_CACHE[2]
     lengths = [n for row in rows for n in row]
-    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     if position_ids is not None and _SEGMENT_CACHE[1] is rows:
         _SEGMENT_CACHE[2] = cu
     return cu

@@ -17,8 +17,8 @@ from torch import nn
 from pronghorn.kernels.lora import LoraParts, lora_linear, lora_mlp, lora_qkv, lora_qkv_fused
 from pronghorn.kernels.lora.cast_cache import begin_step, end_steps
 
-__all__ = ["LoraParts", "activation_of", "begin_step", "end_steps", "fused_linear_forward", "fused_mlp_forward", "fused_o_forward",
-           "fused_qkv_forward", "lora_parts"]
+__all__ = ["LoraParts", "activation_of", "begin_step", "end_steps", "fused_linear_forward", "fused_mlp_forward",
+           "fused_o_forward", "fused_qkv_forward", "lora_parts"]
 
 
 def _bnb_class(name: str):
@@ -62,10 +62,11 @@ def _state_key(module: nn.Module) -> tuple:
     if base is None:
         return (type(module), _param_state(module, "weight"), _param_state(module, "bias"))
     sub = tuple(tuple(map(id, mods[n]._modules.values())) if n in mods else None
-                for n in ("lora_A", "lora_B", "lora_dropout"))
+                for n in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"))
+    scaling = module.__dict__.get("scaling")
     return (type(module), type(base), _param_state(base, "weight"), _param_state(base, "bias"), sub,
             module._disable_adapters, tuple(module.merged_adapters), repr(module._active_adapter),
-            module.__dict__.get("fan_in_fan_out"))
+            module.__dict__.get("fan_in_fan_out"), tuple(scaling.items()) if isinstance(scaling, dict) else None)
 
 
 def lora_parts(module: nn.Module) -> Optional[LoraParts]:

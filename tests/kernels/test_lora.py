@@ -192,6 +192,13 @@ def test_lora_parts_declines_what_it_cannot_fuse():
     peft_model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     q.set_adapter(["default", "second"])
     assert lora_parts(q) is None
+    # the answer is cached per module: every change it depends on must be seen on the next call
+    q.set_adapter("second")
+    assert lora_parts(q).A is q.lora_A["second"].weight
+    q.scaling["second"] = 3.0
+    assert lora_parts(q).scale == 3.0
+    q.set_adapter("default")
+    assert lora_parts(q).A is q.lora_A["default"].weight
     dora = _peft(tiny_model("llama"), use_dora=True).base_model.model.model.layers[0].self_attn.q_proj
     assert lora_parts(dora) is None
     lbias = _peft(tiny_model("llama"), lora_bias=True).base_model.model.model.layers[0].self_attn.q_proj

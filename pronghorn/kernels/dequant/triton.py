@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def round_fp32_to_bf16_grid(x):
     """Round float32 values to the nearest bfloat16 (ties to even), still held as float32.
