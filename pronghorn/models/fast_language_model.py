@@ -9,6 +9,7 @@ from pronghorn.config.validation import validate_load
 from pronghorn.models.dtypes import resolve_dtype
 from pronghorn.models.modes import for_inference, for_training
 from pronghorn.models.sources import resolve_source
+from pronghorn.models.tokenizer_setup import sync_pad_token
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,7 @@ class FastLanguageModel:
             from pronghorn.models.tokenizer_setup import fix_tokenizer as _fix
 
             _fix(tokenizer, max_seq_length)
-        # Multimodal configs (Gemma 3, ...) keep pad_token_id on their text config only.
-        text_config = model.config.get_text_config()
-        if getattr(text_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-            text_config.pad_token_id = tokenizer.pad_token_id
+        sync_pad_token(model, tokenizer)
         model.max_seq_length = max_seq_length
         _remember(model, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                   full_finetuning=full_finetuning, base_model=source.base)

@@ -24,3 +24,13 @@ def fix_tokenizer(tokenizer, max_seq_length: int):
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = max_seq_length
     return tokenizer
+
+
+def sync_pad_token(model, tokenizer) -> None:
+    """Give the model's text config the tokenizer's pad token when it has none.
+
+    Multimodal configs (Gemma 3, Qwen-VL, ...) keep ``pad_token_id`` on their text config only.
+    """
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        text_config.pad_token_id = tokenizer.pad_token_id

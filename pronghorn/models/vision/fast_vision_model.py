@@ -184,9 +184,7 @@ def _fix_processor_padding(processor, model) -> None:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         return
-    from pronghorn.models.tokenizer_setup import fix_tokenizer
+    from pronghorn.models.tokenizer_setup import fix_tokenizer, sync_pad_token
 
     fix_tokenizer(tokenizer, getattr(tokenizer, "model_max_length", None) or 10**9)
-    text_config = model.config.get_text_config()
-    if getattr(text_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        text_config.pad_token_id = tokenizer.pad_token_id
+    sync_pad_token(model, tokenizer)
