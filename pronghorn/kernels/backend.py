@@ -36,3 +36,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether any tensor is large enough that 32-bit offsets would overflow (specialise kernels on it)."""
     return any(t.numel() >= 2**31 for t in tensors)
+
+
+def offsets_need_int64(*tensors: torch.Tensor) -> bool:
+    """Whether the furthest element of any tensor (by its strides, as a kernel addresses it) is past int32.
+
+    ``needs_int64`` looks at element counts; a sliced view can reach further into its storage than
+    its count suggests, so the strided extent is checked too.
+    """
+    if needs_int64(*tensors):
+        return True
+    return any(sum((s - 1) * st for s, st in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors if t.numel())

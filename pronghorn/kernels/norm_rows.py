@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pronghorn.kernels.backend import needs_int64
+from pronghorn.kernels.backend import offsets_need_int64  # noqa: F401  (the norms' functions import it from here)
 
 # A row lives in registers; past this width the register file spills badly, so callers fall back.
 MAX_FUSED_COLS = 65536
@@ -51,17 +51,6 @@ def rows_view(t: torch.Tensor) -> torch.Tensor:
     for s, _ in dims:
         rows *= s
     return t.as_strided((rows, n), (row_stride, 1))
-
-
-def offsets_need_int64(*tensors: torch.Tensor) -> bool:
-    """Whether the furthest element of any tensor (by its strides, as a kernel addresses it) is past int32.
-
-    ``needs_int64`` looks at element counts; a sliced view can reach further into its storage than
-    its count suggests, so the strided extent is checked too.
-    """
-    if needs_int64(*tensors):
-        return True
-    return any(sum((s - 1) * st for s, st in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors if t.numel())
 
 
 def can_write_rows_into(buf: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> bool:

@@ -154,7 +154,7 @@ def test_cos_requiring_grad_uses_reference_and_gets_gradient():
 
 
 def test_int64_specialisation_matches(monkeypatch):
-    monkeypatch.setattr(rope_fn, "needs_int64", lambda *t: True)
+    monkeypatch.setattr(rope_fn, "offsets_need_int64", lambda *t: True)
     torch.manual_seed(7)
     q, k = _qk(torch.float32)
     cos, sin = torch.randn(B, S, 12), torch.randn(B, S, 12)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pronghorn.kernels.backend import needs_int64, use_triton
+from pronghorn.kernels.backend import offsets_need_int64, use_triton
 from pronghorn.kernels.rope.reference import rope_reference
 
 
@@ -26,13 +26,6 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     start = t.data_ptr()
     last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
     return start, start + (last + 1) * t.element_size()
-
-
-def _int64(*tensors: torch.Tensor) -> bool:
-    """int64 offsets when any tensor is large or its strided extent passes int32 (sliced views)."""
-    if needs_int64(*tensors):
-        return True
-    return any(sum((s - 1) * st for s, st in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors if t.numel())
 
 
 def _writable_grads(dq: torch.Tensor, dk: torch.Tensor, q_like: tuple, k_like: tuple) -> bool:
@@ -82,7 +75,7 @@ class RoPEFunction(torch.autograd.Function):
         rope_launch(
             _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim),
             _as_bhsd(q_out, unsqueeze_dim), _as_bhsd(k_out, unsqueeze_dim),
-            cos, sin, backward=False, interleaved=interleaved, int64=_int64(q, k, q_out, k_out),
+            cos, sin, backward=False, interleaved=interleaved, int64=offsets_need_int64(q, k, q_out, k_out),
         )
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.interleaved, ctx.inplace_backward = unsqueeze_dim, interleaved, inplace_backward
@@ -103,7 +96,7 @@ class RoPEFunction(torch.autograd.Function):
         ud = ctx.unsqueeze_dim
         rope_launch(
             _as_bhsd(dq_out, ud), _as_bhsd(dk_out, ud), _as_bhsd(dq, ud), _as_bhsd(dk, ud),
-            cos, sin, backward=True, interleaved=ctx.interleaved, int64=_int64(dq_out, dk_out, dq, dk),
+            cos, sin, backward=True, interleaved=ctx.interleaved, int64=offsets_need_int64(dq_out, dk_out, dq, dk),
         )
         return (
             dq if ctx.needs_input_grad[0] else None,
@@ -128,7 +121,7 @@ class RoPEInplaceFunction(torch.autograd.Function):
         from pronghorn.kernels.rope.triton import rope_launch
 
         xv = _as_bhsd(x, unsqueeze_dim)
-        rope_launch(xv, None, xv, None, cos, sin, backward=False, interleaved=interleaved, int64=_int64(x))
+        rope_launch(xv, None, xv, None, cos, sin, backward=False, interleaved=interleaved, int64=offsets_need_int64(x))
         ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.interleaved = unsqueeze_dim, interleaved
@@ -143,7 +136,7 @@ class RoPEInplaceFunction(torch.autograd.Function):
         ud = ctx.unsqueeze_dim
         rope_launch(
             _as_bhsd(dy, ud), None, _as_bhsd(dx, ud), None, cos, sin,
-            backward=True, interleaved=ctx.interleaved, int64=_int64(dy, dx),
+            backward=True, interleaved=ctx.interleaved, int64=offsets_need_int64(dy, dx),
         )
         return dx, None, None, None, None
 
@@ -164,7 +157,7 @@ def _rope_inplace(q, k, cos, sin, unsqueeze_dim: int, interleaved: bool) -> tupl
         )
     # Nothing records this (inference): one launch rotates both tensors where they lie.
     qv, kv = _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim)
-    rope_launch(qv, kv, qv, kv, cos, sin, backward=False, interleaved=interleaved, int64=_int64(q, k))
+    rope_launch(qv, kv, qv, kv, cos, sin, backward=False, interleaved=interleaved, int64=offsets_need_int64(q, k))
     return q, k
 
 
