@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..backend import use_triton
+from ..geglu.reference import geglu_reference
+from ..swiglu.reference import swiglu_reference
 
 ACTIVATIONS = ("swiglu", "geglu_tanh", "geglu_exact")
 
@@ -50,9 +51,8 @@ def gated_forward(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Te
 
         return geglu_forward(g, u, activation == "geglu_tanh")
     if activation == "swiglu":
-        return (F.silu(g.float()) * u.float()).to(g.dtype)
-    approximate = "tanh" if activation == "geglu_tanh" else "none"
-    return (F.gelu(g.float(), approximate=approximate) * u.float()).to(g.dtype)
+        return swiglu_reference(g, u)
+    return geglu_reference(g, u, "tanh" if activation == "geglu_tanh" else "none")
 
 
 def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
