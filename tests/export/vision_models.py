@@ -21,6 +21,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
+from tests.export.helpers import randomize_lora_b
 from tests.factories import byte_bpe_tokenizer
 
 VLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
@@ -173,13 +174,7 @@ def lora_vlm(family: str, seed: int = 0, r: int = 4, dtype=torch.float32):
     """A tiny ``family`` VLM with LoRA on language and vision layers, every lora_B random (non-zero delta)."""
     model = tiny_vlm(family, seed=seed, dtype=dtype)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=VLM_LORA_TARGETS, lora_dropout=0.0)
-    peft_model = get_peft_model(model, cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return peft_model.eval()
+    return randomize_lora_b(get_peft_model(model, cfg), seed + 1, 0.05)
 
 
 def sample_image(width: int, height: int, seed: int = 0) -> Image.Image:
