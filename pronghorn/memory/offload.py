@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+from pronghorn.memory.recompute import backward_recompute
+
 __all__ = ["offloaded_checkpoint", "OffloadedActivation"]
 
 logger = logging.getLogger(__name__)
@@ -290,7 +292,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            with torch.enable_grad(), torch.autocast(**ctx.autocast), backward_recompute():
                 outputs = ctx.run_function(*inputs)
         outputs = (outputs,) if ctx.single else outputs
         pairs = [

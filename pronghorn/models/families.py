@@ -25,6 +25,9 @@ class FamilySpec:
     attn_softcap_attr: str | None = None  # config attribute holding the attention logit soft-cap
     sliding_window: bool = False  # some or all layers use a sliding window (passed to attention)
     partial_rotary: bool = False  # only part of the head dim is rotated (Phi-3 partial_rotary_factor)
+    # The MLP output goes straight into the residual add (no post-MLP norm, unlike Gemma 2/3), so a
+    # backward recompute may skip computing it (see pronghorn.memory.recompute).
+    mlp_output_to_residual: bool = True
 
     @property
     def gated_activation(self) -> str:
@@ -39,10 +42,10 @@ GEMMA = FamilySpec("gemma", ("gemma",), norm_offset=1.0, norm_cast="gemma", acti
                    embedding_scale=True)
 GEMMA2 = FamilySpec("gemma2", ("gemma2",), norm_offset=1.0, norm_cast="gemma", activation="geglu_tanh",
                     embedding_scale=True, final_softcap_attr="final_logit_softcapping",
-                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True)
+                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True, mlp_output_to_residual=False)
 GEMMA3 = FamilySpec("gemma3", ("gemma3_text",), norm_offset=1.0, norm_cast="gemma", activation="geglu_tanh",
                     qk_norm=True, embedding_scale=True, final_softcap_attr="final_logit_softcapping",
-                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True)
+                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True, mlp_output_to_residual=False)
 PHI3 = FamilySpec("phi3", ("phi3",), fused_qkv=True, fused_gate_up=True, sliding_window=True,
                   partial_rotary=True)
 

@@ -67,13 +67,15 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
 
 def mlp_forward(self, hidden_states, *, spec: FamilySpec):
     """Whole-MLP fused LoRA path when every projection qualifies; else the fused activation kernel."""
+    from pronghorn.memory.recompute import in_backward_recompute
     from pronghorn.nn.activations import mlp_forward as activation_mlp
     from pronghorn.nn.lora import fused_mlp_forward
 
     def unfused(x):
         return activation_mlp(self, x, activation=spec.activation, fused_gate_up=spec.fused_gate_up)
 
-    return fused_mlp_forward(self, hidden_states, spec.activation, fallback=unfused)
+    output_unused = spec.mlp_output_to_residual and in_backward_recompute()
+    return fused_mlp_forward(self, hidden_states, spec.activation, fallback=unfused, output_unused=output_unused)
 
 
 # ---------------------------------------------------------------------------------------- LM head loss

@@ -372,3 +372,36 @@ def test_under_activation_checkpointing(reentrant):
         return checkpoint(lambda u: fused_mlp_forward(mlp, u, "swiglu"), t, use_reentrant=reentrant)
 
     _compare(_run(fused, x, mlp), _run(mlp, x, mlp), torch.float32)
+
+
+@pytest.mark.parametrize("fused_gate_up", [False, True])
+def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up):
+    """The backward-recompute mode returns zeros (no down GEMM) yet gives the normal path's gradients."""
+    g = torch.Generator().manual_seed(3)
+
+    def parts(out, inp, r):
+        return LoraParts(torch.randn(out, inp, generator=g) * 0.2, torch.randn(r, inp, generator=g) * 0.2,
+                         torch.randn(out, r, generator=g) * 0.2, 0.5)
+
+    gate, down = parts(80 if fused_gate_up else 40, 24, 4), parts(24, 40, 5)
+    up = None if fused_gate_up else parts(40, 24, 3)
+    ps = [p for p in (gate, up, down) if p is not None]
+    holder = nn.Module()
+    holder.params = nn.ParameterList([nn.Parameter(t.clone()) for p in ps for t in (p.A, p.B)])
+    ps = [p._replace(A=holder.params[2 * i], B=holder.params[2 * i + 1]) for i, p in enumerate(ps)]
+    gate, up, down = (ps[0], None, ps[1]) if fused_gate_up else ps
+    x = torch.randn(2, 3, 24, generator=g)
+    dy = torch.randn(2, 3, 24, generator=g)
+
+    def grads(output_unused):
+        holder.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = lora_mlp(xi, gate, up, down, fused_gate_up=fused_gate_up, output_unused=output_unused)
+        y.backward(dy)
+        return y.detach(), [xi.grad] + [p.grad.clone() for p in holder.params]
+
+    y_full, want = grads(False)
+    y_skip, got = grads(True)
+    assert y_skip.shape == y_full.shape and not y_skip.any()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

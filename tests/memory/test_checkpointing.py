@@ -228,3 +228,35 @@ def test_host_chunks_cover_the_tensor_and_count_rounded_bytes():
     assert sizes == [per, per, 3] and sum(sizes) == 2 * per + 3
     assert offload._pinned_bytes(2 * per + 3, 2) == 2 * offload.HOST_CHUNK_BYTES + 8  # 6 bytes round up to 8
     assert offload._chunk_sizes(0, 2) == [0]  # an empty input still gets one (empty) buffer
+
+
+@pytest.mark.parametrize("family,skips", [("llama", True), ("phi3", True), ("gemma2", False)])
+def test_offload_recompute_skips_the_mlp_output_where_nothing_reads_it(family, skips, tmp_path, monkeypatch):
+    """In the backward recompute the MLP output only feeds the residual add (no post-MLP norm), so its
+    down GEMM is skipped there; gradients still equal those of an unpatched model without checkpointing."""
+    from pronghorn import FastLanguageModel
+    from pronghorn.kernels.lora import mlp as lora_mlp_module
+    from tests.factories import save_tiny
+
+    path = save_tiny(family, tmp_path / family, num_hidden_layers=2)
+
+    def load(fast, gc):
+        model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=64, fast_paths=fast)
+        return FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False, use_gradient_checkpointing=gc)
+
+    seen = []
+    apply = lora_mlp_module.LoraMLPFunction.apply
+    monkeypatch.setattr(lora_mlp_module.LoraMLPFunction, "apply",
+                        lambda *a: seen.append(a[3]) or apply(*a))
+    ids = torch.randint(5, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fast, gc in ((False, False), (True, "unsloth")):
+        model = load(fast, gc)
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), trainable_grads(model)))
+    assert seen == [False, False] + [skips, skips], seen  # forward of 2 layers, then their recomputes
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    assert_grads_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cast_cache
 from .activation import check_activation, gated_backward_, gated_forward
 from .parts import as_parts
 from .projection import (
@@ -28,7 +29,7 @@ class LoraMLPFunction(torch.autograd.Function):
     """Gated MLP of LoRA projections (separate gate/up, or one fused gate_up). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, activation, fused_gate_up, scales, *flat):
+    def forward(ctx, x, activation, fused_gate_up, output_unused, scales, *flat):
         parts = unflat_parts(flat, scales)
         in_parts, down = parts[:-1], parts[-1]
         dtype = compute_dtype(x)
@@ -36,9 +37,13 @@ class LoraMLPFunction(torch.autograd.Function):
         outs, xas = forward_shared(x2, in_parts, dtype)
         g, u = _split(outs, fused_gate_up)
         h = gated_forward(g, u, activation)
-        (y,), (ha,) = forward_shared(h, [down], dtype)
+        if output_unused:
+            # A backward recompute: only down's backward inputs are needed, not the [N, hidden] output.
+            y, ha = None, h @ cast_cache.cast(down.A, dtype).t() if down.A is not None else None
+        else:
+            (y,), (ha,) = forward_shared(h, [down], dtype)
         del h
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         need_a = [needs[i * PER_PROJ + 1] for i in range(len(parts))]
         need_b = [needs[i * PER_PROJ + 2] for i in range(len(parts))]
         n_in = len(in_parts)
@@ -50,6 +55,9 @@ class LoraMLPFunction(torch.autograd.Function):
         saved += [ha if need_b[-1] else None]
         saved += [t for p in parts for t in (p.A, p.B)]
         ctx.save_for_backward(*saved)
+        if y is None:
+            # Zeros without memory traffic: whatever reads this gets a defined value.
+            return x.new_zeros((), dtype=dtype).expand(x.shape)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -88,7 +96,7 @@ class LoraMLPFunction(torch.autograd.Function):
             if dx is not None:
                 dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
         grads = grads_out(parts, d_as + d_as_down, d_bs + d_bs_down)
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 def _split(outs, fused):
@@ -100,7 +108,7 @@ def _split(outs, fused):
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
-             fused_gate_up: bool = False) -> torch.Tensor:
+             fused_gate_up: bool = False, output_unused: bool = False) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` for a gated MLP whose projections may carry LoRA adapters.
 
     Args:
@@ -111,6 +119,10 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
             gelu_pytorch_tanh) or "geglu_exact" (erf GELU).
         fused_gate_up: Phi-3's ``gate_up_proj``: ``gate`` is the one projection producing ``[gate | up]``
             (gate first) and ``up`` must be None.
+        output_unused: the caller will not read the output's value, only backpropagate through it (a
+            checkpointed layer recomputed in backward, see :mod:`pronghorn.memory.recompute`): the
+            down projection's GEMM is skipped and zeros of the output's shape are returned. The
+            gradients are those of the normal path.
 
     The backward overwrites the saved gate/up outputs, so the graph supports a single backward pass.
     """
@@ -126,5 +138,6 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
         if up is None:
             raise ValueError("up is None: pass the up projection, or fused_gate_up=True for Phi-3's gate_up_proj")
         parts = [as_parts(gate), as_parts(up), as_parts(down)]
-    return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), tuple(float(p.scale) for p in parts),
+    return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), bool(output_unused),
+                                 tuple(float(p.scale) for p in parts),
                                  *flat_parts(parts))

@@ -78,9 +78,9 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
     for i in lora_idx:
         p, dy = parts[i], dys[i]
         if need_b[i]:
-            d_bs[i] = dy.t() @ (xas[i] * p.scale)
+            d_bs[i] = dy.t() @ _scaled(xas[i], p.scale)
         if need_dx or need_a[i]:
-            ts[i] = (dy @ cast_cache.cast(p.B, dtype)) * p.scale
+            ts[i] = _scaled(dy @ cast_cache.cast(p.B, dtype), p.scale)
     if any(need_a[i] for i in ts):
         for i in ts:
             if need_a[i]:
@@ -96,6 +96,11 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
             t_cat = torch.cat([ts[i] for i in order], dim=1) if len(order) > 1 else ts[order[0]]
             dx.addmm_(t_cat, cast_cache.cat_rows([parts[i].A for i in order], dtype))
     return dx, d_as, d_bs
+
+
+def _scaled(t, scale):
+    # lora_alpha == r (scale 1) is common; skipping the multiply saves a kernel per projection per pass.
+    return t if scale == 1.0 else t * scale
 
 
 def grads_out(parts, d_as, d_bs):
