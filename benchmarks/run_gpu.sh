@@ -14,7 +14,7 @@
 #   --modes LIST            comma-separated bf16,qlora [bf16,qlora]
 #   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger]
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
-#   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 3, 8]
+#   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
 #   --budget S              whole-command limit; later runs get less time or are skipped so the report is
 #                           written before the device tool's 600 s cut-off [570]

@@ -22,6 +22,7 @@ first call, never at import).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -32,11 +33,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "POLICY_SDPA",
     "VARLEN_SDPA",
     "AttentionChoice",
     "choose_attention_implementation",
     "installed_attention_backends",
+    "policy_sdpa_attention",
+    "register_policy_sdpa",
     "register_varlen_sdpa",
+    "sdpa_backend_policy",
     "set_attention_implementation",
     "varlen_sdpa_attention",
 ]
@@ -44,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VARLEN_SDPA = "pronghorn_sdpa_varlen"
+POLICY_SDPA = "pronghorn_sdpa"
 
 # Decoder-only text families whose masks are plain causal (optionally sliding-window): the varlen
 # function reproduces them exactly. Families with bidirectional image blocks, chunked attention or
@@ -259,6 +265,55 @@ def _block_causal_mask(lengths: list[int], window: int | None, device) -> torch.
     return mask
 
 
+# cuDNN attention, torch's first sdpa choice on Hopper, runs causal attention about 1.7x as fast as the flash
+# kernel (H100, 2K to 64K tokens: benchmarks/results/kernels/bench_attention.*), but builds a plan for every
+# new shape, about 130 ms for forward and backward. Where lengths change from batch to batch (padding-free
+# rows, VLM image sizes, padded batches) those plans cost more than cuDNN saves, so it is used only for
+# lengths where one step's savings repay a plan, or for shapes that keep coming back.
+CUDNN_MIN_LENGTH = 8192
+CUDNN_AFTER_CALLS = 128
+_SHAPE_CALLS: dict[tuple, int] = {}
+
+
+def _prefers_cudnn(query: torch.Tensor) -> bool:
+    shape = (tuple(query.shape), query.dtype, query.device)
+    if len(_SHAPE_CALLS) > 4096:
+        _SHAPE_CALLS.clear()
+    calls = _SHAPE_CALLS[shape] = _SHAPE_CALLS.get(shape, 0) + 1
+    return query.shape[-2] >= CUDNN_MIN_LENGTH or calls > CUDNN_AFTER_CALLS
+
+
+def sdpa_backend_policy(query: torch.Tensor):
+    """Context for one sdpa call on ``query`` ``[batch, heads, length, dim]``: cuDNN first where it pays
+    (see above), otherwise every backend but cuDNN. A no-op off CUDA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not query.is_cuda:
+        return contextlib.nullcontext()
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if _prefers_cudnn(query):
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *others], set_priority=True)
+    return sdpa_kernel(others, set_priority=True)
+
+
+def policy_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own sdpa attention function under :func:`sdpa_backend_policy`; registered as
+    :data:`POLICY_SDPA` for models whose attention stays Hugging Face's (VLM towers and language models)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with sdpa_backend_policy(query):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_policy_sdpa() -> None:
+    """Make :data:`POLICY_SDPA` a valid ``attn_implementation`` (idempotent); masks are sdpa's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(POLICY_SDPA, policy_sdpa_attention)
+    AttentionMaskInterface.register(POLICY_SDPA, sdpa_mask)
+
+
 def varlen_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -276,24 +331,22 @@ def varlen_sdpa_attention(
 
     Signature of a transformers attention function; returns ``([batch, tokens, heads, dim], None)``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if softcap is not None:
         raise ValueError(f"{VARLEN_SDPA} cannot apply attention logit softcapping; use eager or flash attention")
     batch, _, q_len, _ = query.shape
     if attention_mask is not None or q_len != key.shape[2]:
         # Padded batch or decoding against a cache: transformers' sdpa with its dense mask is exact.
-        return sdpa_attention_forward(
+        return policy_sdpa_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             sliding_window=sliding_window, position_ids=position_ids, **kwargs,
         )
     segments = _segment_lengths(position_ids, batch, q_len)
     gqa = query.shape[1] != key.shape[1]
     if query.is_cuda and all(row == [q_len] for row in segments) and (sliding_window is None or sliding_window >= q_len):
-        # Every row is one whole sequence: plain causal sdpa, where torch picks its fastest backend for
-        # the shape (cuDNN attention on Hopper, about 1.5x the varlen flash kernel at 2K; GQA native).
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
-                                             enable_gqa=gqa)
+        # Every row is one whole sequence: plain causal sdpa (native GQA, cuDNN where it pays).
+        with sdpa_backend_policy(query):
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
+                                                 scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     if query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
         kernel = _varlen_kernel()
@@ -308,8 +361,9 @@ def varlen_sdpa_attention(
         q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
         if len(lengths) > _MAX_SEGMENTS_FOR_LOOP:
             mask = _block_causal_mask(lengths, sliding_window, query.device)
-            rows.append(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+            with sdpa_backend_policy(q):
+                rows.append(F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
             continue
         pieces, start = [], 0
         for n in lengths:
@@ -318,8 +372,9 @@ def varlen_sdpa_attention(
                 kw = dict(attn_mask=_window_mask(n, sliding_window, query.device))
             else:
                 kw = dict(is_causal=True)
-            pieces.append(F.scaled_dot_product_attention(
-                q[:, :, sl], k[:, :, sl], v[:, :, sl], dropout_p=dropout, scale=scaling, enable_gqa=gqa, **kw))
+            with sdpa_backend_policy(q[:, :, sl]):
+                pieces.append(F.scaled_dot_product_attention(
+                    q[:, :, sl], k[:, :, sl], v[:, :, sl], dropout_p=dropout, scale=scaling, enable_gqa=gqa, **kw))
             start += n
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
     out = torch.cat(rows, dim=0) if batch > 1 else rows[0]

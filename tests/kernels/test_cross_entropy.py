@@ -181,10 +181,10 @@ def test_chunk_size_choice(monkeypatch):
     with pytest.raises(ValueError, match="chunk_size"):
         pick_chunk_rows(100, 1000, torch.device("cpu"), chunk_size=0)
     cuda = torch.device("cuda", 0)
-    for free, want in [(80e9, 16384), (1e9, 1024), (1e13, 65536)]:
+    for free, vocab, want in [(80e9, 128256, 1024), (80e9, 32000, 4096), (1e9, 32000, 1024), (1e13, 1000, 65536)]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f), int(f)))
-        # 1/8 of free memory for an fp32 [rows, 128256] buffer, power of two in [1024, 65536].
-        assert pick_chunk_rows(4096, 128256, cuda) == want
+        # An fp32 [rows, vocab] buffer within 1/8 of free memory and 512 MiB, power of two in [1024, 65536].
+        assert pick_chunk_rows(4096, vocab, cuda) == want
 
 
 def _hf_causal_loss(hidden, weight, labels=None, shift_labels=None, num_items_in_batch=None, softcap=None):

@@ -2,6 +2,7 @@
 the attention chooser picks an implementation that keeps packed examples apart."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -119,3 +120,20 @@ def test_set_attention_implementation_through_peft():
     assert previous == "sdpa" and model.get_base_model().config._attn_implementation == VARLEN_SDPA
     out = model(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=False).logits
     assert out.shape == (1, 4, 512)
+
+
+def test_sdpa_backend_policy_takes_cudnn_only_where_its_plans_pay(monkeypatch):
+    """cuDNN attention builds a plan per shape: it is chosen for long rows at once, for short ones only once
+    their shape keeps coming back (fixed-length training), never for lengths seen a few times."""
+    from pronghorn.nn import attention
+
+    monkeypatch.setattr(attention, "_SHAPE_CALLS", {})
+    long_row = torch.empty(1, 32, attention.CUDNN_MIN_LENGTH, 128, device="meta")
+    assert attention._prefers_cudnn(long_row)
+    short = torch.empty(2, 32, 2048, 128, device="meta")
+    picks = [attention._prefers_cudnn(short) for _ in range(attention.CUDNN_AFTER_CALLS + 1)]
+    assert not any(picks[:-1]) and picks[-1]
+    other = torch.empty(2, 32, 2047, 128, device="meta")
+    assert not attention._prefers_cudnn(other)
+    # Off CUDA the policy leaves sdpa's own choice alone.
+    assert isinstance(attention.sdpa_backend_policy(torch.empty(1, 1, 4, 8)), contextlib.nullcontext)

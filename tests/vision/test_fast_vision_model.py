@@ -16,6 +16,7 @@ from pronghorn.models.vision.families import (
 )
 from pronghorn.models.vision.patching import patch_vision_model
 from pronghorn.models.vision.targets import classify_linear_layers
+from pronghorn.nn.attention import POLICY_SDPA, register_policy_sdpa
 from tests.vision.factories import (
     NO_PROCESSOR_HERE,
     PROCESSOR_FAMILIES,
@@ -105,6 +106,9 @@ def test_4bit_skip_list_keeps_projector_and_output_layer(family):
 def test_fast_paths_match_hugging_face_loss_and_lora_grads(family):
     ref = tiny_vlm_model(family)
     fast = copy.deepcopy(ref)
+    register_policy_sdpa()
+    fast.set_attn_implementation(POLICY_SDPA)  # what FastVisionModel picks on CUDA: sdpa under the backend policy
+    assert fast.config.get_text_config()._attn_implementation == POLICY_SDPA
     record = patch_vision_model(fast)
     summary = record.summary()
     assert summary.get("lm_head_loss") == 1 and summary.get("norm", 0) >= 5 and summary.get("mlp", 0) >= 2, summary

@@ -18,11 +18,14 @@ from pronghorn.training.loss import count_label_tokens, loss_divisor
 
 CPU_CHUNK_ROWS = 256
 _MIN_CHUNK, _MAX_CHUNK = 1024, 65536
+# The logits chunk is the training step's largest transient buffer. Beyond ~1K rows the LM-head GEMM runs
+# no faster, so a larger chunk only raises peak memory (4096 rows of a 128K vocabulary: 1 GiB).
+_MAX_CHUNK_BYTES = 512 * 2**20
 
 
 def pick_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_size: int | None = None) -> int:
     """Token rows per chunk. Explicit ``chunk_size`` wins; on CUDA, the largest power of two whose
-    fp32 [rows, V] buffer fits in 1/8 of free memory, clamped to [1024, 65536]; on CPU 256."""
+    fp32 [rows, V] buffer fits in 1/8 of free memory and in 512 MiB, clamped to [1024, 65536]; on CPU 256."""
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -30,7 +33,8 @@ def pick_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_size: i
     if device.type != "cuda":
         return CPU_CHUNK_ROWS
     free, _total = torch.cuda.mem_get_info(device)
-    rows = min(max(free // 8 // (4 * max(vocab, 1)), _MIN_CHUNK), _MAX_CHUNK)
+    budget = min(free // 8, _MAX_CHUNK_BYTES)
+    rows = min(max(budget // (4 * max(vocab, 1)), _MIN_CHUNK), _MAX_CHUNK)
     return 1 << (int(rows).bit_length() - 1)
 
 

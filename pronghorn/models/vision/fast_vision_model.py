@@ -83,6 +83,7 @@ class FastVisionModel:
         quant = quantization_config(load_in_4bit, load_in_8bit, dtype, skip_modules=skip)
         if not torch.cuda.is_available():
             device_map = None
+        attn_implementation = _vision_attention(attn_implementation)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForImageTextToText.from_pretrained(
@@ -188,3 +189,14 @@ def _fix_processor_padding(processor, model) -> None:
 
     fix_tokenizer(tokenizer, getattr(tokenizer, "model_max_length", None) or 10**9)
     sync_pad_token(model, tokenizer)
+
+
+def _vision_attention(requested: str | None) -> str | None:
+    """On CUDA, sdpa under pronghorn's backend policy unless the user chose: a VLM batch's image sizes and
+    text lengths change every step, and torch's default (cuDNN on Hopper) builds a new plan for each shape."""
+    from pronghorn.nn.attention import POLICY_SDPA, register_policy_sdpa
+
+    if requested == POLICY_SDPA or (requested is None and torch.cuda.is_available()):
+        register_policy_sdpa()
+        return POLICY_SDPA
+    return requested
