@@ -170,6 +170,30 @@ def write_profile(step, batches, path) -> None:
     Path(path).with_suffix(".host.txt").write_text(text.getvalue())
 
 
+def _watch_full_collections():
+    """Start timing Python's full (generation 2) garbage collections; call the result to stop and get their
+    durations in seconds. A full collection walks every live object and can stall a step."""
+    import gc
+
+    pauses, started = [], []
+
+    def callback(phase, info):
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(callback)
+
+    def stop():
+        gc.callbacks.remove(callback)
+        return pauses
+
+    return stop
+
+
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
           profile_path=None) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
@@ -203,6 +227,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     if on_warmed:
         on_warmed(warm)
     timer, losses = common.Timer(device), []
+    gc_pauses = _watch_full_collections()
     _sync(device)
     t0 = time.perf_counter()
     timer.mark()
@@ -214,10 +239,11 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         timer.mark()
     _sync(device)
     elapsed = time.perf_counter() - t0
+    gc_pauses = gc_pauses()
     if profile_path and device_type == "cuda":
         write_profile(step, batches, profile_path)
     # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
-    out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
+    out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, full_gc_pauses_s=gc_pauses, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype) for p in params}))
     if device_type == "cuda":
