@@ -6,7 +6,6 @@ import logging
 import torch
 
 from pronghorn.config.validation import validate_load
-from pronghorn.memory.host_gc import freeze_preexisting_objects
 from pronghorn.models.dtypes import resolve_dtype
 from pronghorn.models.modes import for_inference, for_training
 from pronghorn.models.sources import resolve_source
@@ -67,7 +66,6 @@ class FastLanguageModel:
         check_versions(strict=False)  # outside the tested window: a warning with the pip command that fixes it
         dtype = resolve_dtype(dtype)
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
-        freeze_preexisting_objects()  # before the model exists: see pronghorn.memory.host_gc
         hub_kwargs = dict(token=token, revision=revision, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(source.base, **hub_kwargs)
 

@@ -10,8 +10,11 @@ The choice is made from what is installed, the device, and what the model's atte
   launch; elsewhere ``scaled_dot_product_attention`` run once per sequence of the stream. Without
   it, transformers' ``sdpa`` builds a dense ``[tokens, tokens]`` block-diagonal mask for a packed
   stream, which forces sdpa off its flash kernel and spends attention FLOPs on every cross-sequence
-  block. Both of ours keep causal flash kernels and the exact cost ``sum(len_i^2)``. Padded batches
-  (a 2-D ``attention_mask``) and decoding with a cache go through transformers' own ``sdpa`` unchanged.
+  block. Both of ours keep causal flash kernels and the exact cost ``sum(len_i^2)``. Rows that hold
+  one whole sequence each take plain causal sdpa (cuDNN where :func:`sdpa_backend_policy` says it
+  pays). Padded batches (a 2-D ``attention_mask``) and decoding with a cache go through transformers'
+  own ``sdpa``, under the same backend policy.
+- ``pronghorn_sdpa`` (this module): transformers' ``sdpa`` under that backend policy; VLMs use it on CUDA.
 - ``eager``: attention logit softcapping (Gemma 2) on CPU, or when nothing faster supports it.
   ``flex_attention`` supports softcapping too but compiles per distinct shape (a padding-free
   stream changes length every step) and has no CPU backward, so it is used only when requested.

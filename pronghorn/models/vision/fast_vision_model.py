@@ -6,7 +6,6 @@ import logging
 import torch
 
 from pronghorn.config.validation import ConfigError, validate_load
-from pronghorn.memory.host_gc import freeze_preexisting_objects
 from pronghorn.models.dtypes import resolve_dtype
 from pronghorn.models.fast_language_model import (
     _attach_exports,
@@ -77,7 +76,6 @@ class FastVisionModel:
             raise ConfigError("FastVisionModel.from_pretrained needs model_name: a Hub name such as "
                               "'Qwen/Qwen2.5-VL-7B-Instruct' or a local checkpoint directory")
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
-        freeze_preexisting_objects()  # before the model exists: see pronghorn.memory.host_gc
         hub_kwargs = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(source.base, **hub_kwargs)
         _check_is_vision_config(config, model_name)
