@@ -11,12 +11,21 @@ checkpointing, sdpa); modes ``qlora`` (nf4) and ``bf16``. LoRA r=32 on all linea
 
     python benchmarks/memory/bench_long_context.py --out $OUT/long_context.json \
         --configs pronghorn unsloth hf_peft --modes qlora bf16 --budget-s 450
+
+The search doubles until two lengths have run, then jumps to the length where the straight line through
+their peak memories meets the GPU's capacity (at most ``--max-jump`` times the last success); after the
+first failure it bisects, probing the interpolated point. At long lengths one trial takes minutes (attention
+is quadratic), so a few well-placed probes matter more than many halvings.
+
+``--attn-priority cudnn`` puts sdpa's cuDNN backend first for every configuration (it needs the same
+memory as the flash backend and is ~1.7x faster at 64K tokens), to shorten long trials; the record says so.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,12 +37,29 @@ import _shared  # noqa: E402
 CONFIGS = ["pronghorn", "pronghorn_tiled", "unsloth", "hf_peft"]
 
 
+def _record_progress(rec: dict, out: Path, device: str, every_s: float = 15.0) -> threading.Event:
+    """Rewrite the trial's record every ``every_s`` seconds with the elapsed time and the peak GPU memory
+    so far, so a trial killed by its timeout still says how far it got; set the returned event to stop."""
+    stop, t0 = threading.Event(), time.perf_counter()
+
+    def loop():
+        while not stop.wait(every_s):
+            snapshot = dict(rec)  # the trial may update ``rec`` meanwhile
+            if snapshot.get("status") == "started":
+                _shared.common.write_json(out, snapshot | {"elapsed_s": time.perf_counter() - t0,
+                                                           "peak_gib_so_far": _shared.common.peak_gib(device)})
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
 def trial(args) -> dict:
     """One length, one configuration, in this process."""
     shape = _shared.common.get_shape(args.shape)
     rec = _shared.common.envelope(benchmark="long_context_trial", config=args.config, mode=args.mode, seq_len=args.seq,
                            status="started")
     _shared.common.write_json(args.out, rec)
+    progress = _record_progress(rec, args.out, args.device)
     try:
         framework = "pronghorn" if args.config.startswith("pronghorn") else args.config
         model = _shared.load(framework, args.mode, Path(args.model_dir), args.seq, args.device)
@@ -49,7 +75,7 @@ def trial(args) -> dict:
         model.train()
 
         def step():
-            with torch.autocast(dev_type, dtype=torch.bfloat16):
+            with torch.autocast(dev_type, dtype=torch.bfloat16), _attention_priority(args.attn_priority):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             opt.step()
@@ -73,16 +99,56 @@ def trial(args) -> dict:
         step()
         _shared.common.sync(args.device)
         dt = time.perf_counter() - t0
-        rec.update(status="ok", step_s=dt, tokens_per_s=args.seq / dt, warmup_steps=args.warmup_steps,
+        rec.update(status="ok", attn_priority=args.attn_priority, step_s=dt, tokens_per_s=args.seq / dt, warmup_steps=args.warmup_steps,
                    peak_gib=_shared.common.peak_gib(args.device))
     except Exception as e:  # an OOM is the expected end of the search
         rec.update(_shared.common.failure_fields(e))
+    progress.set()
     _shared.common.write_json(args.out, rec)
     return rec
 
 
+def _attention_priority(name: str):
+    """sdpa's backend order for the trial: the library default, or cuDNN first."""
+    from contextlib import nullcontext
+
+    if name == "default":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def _capacity_gib(device: str) -> float:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1] / 2**30
+    return float("inf")
+
+
+def next_probe(oks: list[tuple[int, float]], ok: int, bad: int | None, capacity_gib: float, max_jump: float,
+               resolution: int) -> int:
+    """The next length to try, from the successful (length, peak GiB) pairs so far.
+
+    The line through the last two successes' peaks says where 97% of capacity is reached; without it,
+    double (no failure yet) or halve the gap (after one). The probe stays at least ``resolution`` past the
+    last success, below ``max_jump`` times it, and ``resolution`` short of the first failure."""
+    fit = None
+    if len(oks) >= 2:
+        (l0, p0), (l1, p1) = oks[-2], oks[-1]
+        if l1 != l0 and p1 > p0:
+            fit = int(l1 + (0.97 * capacity_gib - p1) * (l1 - l0) / (p1 - p0))
+    if bad is None:
+        target, hi = (fit or ok * 2), int(ok * max_jump)
+    else:
+        target, hi = (fit or (ok + bad) // 2), bad - resolution
+    return max(ok + resolution, min(target, hi)) // 256 * 256
+
+
 def search(args, config: str, mode: str, model_dir: Path) -> dict:
-    """Double from ``--start`` until a trial fails, then bisect to ``--resolution``, within ``--budget-s``."""
+    """Grow from ``--start`` until a trial fails, then narrow the gap to ``--resolution`` (or 1/16 of the
+    longest success), within ``--budget-s``; see ``next_probe``."""
     t_start = time.perf_counter()
     trials, ok, bad = [], None, None
 
@@ -92,27 +158,24 @@ def search(args, config: str, mode: str, model_dir: Path) -> dict:
         left = args.budget_s - (time.perf_counter() - t_start)
         argv = [__file__, "--trial", "--config", config, "--mode", mode, "--seq", str(seq), "--out", str(out),
                 "--shape", args.shape, "--model-dir", str(model_dir), "--device", args.device,
-                "--warmup-steps", str(args.warmup_steps)]
+                "--warmup-steps", str(args.warmup_steps), "--attn-priority", args.attn_priority]
         rec = _shared.run_child(argv, out, max(30.0, min(args.trial_timeout_s, left)))
         trials.append({k: rec.get(k) for k in ("seq_len", "status", "tokens_per_s", "peak_gib", "step_s",
                                                "wall_s", "process", "error")} | {"seq_len": seq})
         print(f"  {config}/{mode} seq={seq}: {rec.get('status')} {rec.get('tokens_per_s')}", flush=True)
         return rec.get("status") == "ok"
 
+    oks, capacity = [], _capacity_gib(args.device)
     seq = args.start
-    while seq <= args.max_seq and time.perf_counter() - t_start < args.budget_s:
+    while time.perf_counter() - t_start < args.budget_s:
         if run(seq):
-            ok, seq = seq, seq * 2
+            ok = seq
+            oks.append((seq, trials[-1]["peak_gib"] or 0.0))
         else:
             bad = seq
+        if ok is None or ok >= args.max_seq or (bad is not None and bad - ok <= max(args.resolution, ok // 16)):
             break
-    while ok is not None and bad is not None and bad - ok > max(args.resolution, ok // 16) \
-            and time.perf_counter() - t_start < args.budget_s:
-        mid = (ok + bad) // 2 // 256 * 256
-        if run(mid):
-            ok = mid
-        else:
-            bad = mid
+        seq = min(next_probe(oks, ok, bad, capacity, args.max_jump, args.resolution), args.max_seq)
     best = next((t for t in trials if t["seq_len"] == ok and t["status"] == "ok"), None)
     return dict(config=config, mode=mode, max_seq_len=ok, first_failing_seq_len=bad,
                 tokens_per_s_at_max=best and best["tokens_per_s"], peak_gib_at_max=best and best["peak_gib"],
@@ -129,7 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int)
     _shared.add_run_args(p)
     p.add_argument("--start", type=int, default=8192)
-    p.add_argument("--max-seq", type=int, default=262144)
+    p.add_argument("--max-seq", type=int, default=393216)
+    p.add_argument("--max-jump", type=float, default=8.0, help="largest factor a memory-guided probe grows by")
+    p.add_argument("--attn-priority", choices=["default", "cudnn"], default="default")
     p.add_argument("--resolution", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=450, help="per configuration and mode (all its trials)")
     p.add_argument("--trial-timeout-s", type=float, default=240)
