@@ -396,6 +396,32 @@ class Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def write_profile(step, batches, path) -> None:
+    """Two steps under torch.profiler (per-kernel table by device time, to ``path``), then two under
+    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches[:2]:
+            step(batch)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+    Path(path).write_text(table)
+    host = cProfile.Profile()
+    host.enable()
+    for batch in batches[:2]:
+        step(batch)
+    torch.cuda.synchronize()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(45)
+    Path(path).with_suffix(".host.txt").write_text(text.getvalue())
+
+
 def device_name(device: str | None = None) -> str:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":

@@ -144,32 +144,6 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def write_profile(step, batches, path) -> None:
-    """Two steps under torch.profiler (per-kernel table by device time, to ``path``), then two under
-    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for ids in batches[:2]:
-            step(ids)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
-    Path(path).write_text(table)
-    import cProfile
-    import io
-    import pstats
-
-    host = cProfile.Profile()
-    host.enable()
-    for ids in batches[:2]:
-        step(ids)
-    torch.cuda.synchronize()
-    host.disable()
-    text = io.StringIO()
-    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(45)
-    Path(path).with_suffix(".host.txt").write_text(text.getvalue())
-
-
 def _watch_full_collections():
     """Start timing Python's full (generation 2) garbage collections; call the result to stop and get their
     durations in seconds. A full collection walks every live object and can stall a step."""
@@ -241,7 +215,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     elapsed = time.perf_counter() - t0
     gc_pauses = gc_pauses()
     if profile_path and device_type == "cuda":
-        write_profile(step, batches, profile_path)
+        common.write_profile(step, batches, profile_path)
     # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
     out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, full_gc_pauses_s=gc_pauses, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),

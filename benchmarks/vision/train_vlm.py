@@ -86,12 +86,16 @@ def parse_args(argv=None):
     workload(r)
     r.add_argument("--config", required=True, choices=CONFIGS)
     r.add_argument("--out", required=True, help="JSON record to write")
+    r.add_argument("--profile", metavar="PATH",
+                   help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
     s = sub.add_parser("suite", help="build if needed, then every configuration in its own process, then report")
     workload(s)
     s.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, run in this order")
     s.add_argument("--out", required=True, help="results folder (records, logs, results.json, results.md)")
     s.add_argument("--budget", type=int, default=470, help="seconds for the whole suite, build included")
     s.add_argument("--timeout", type=int, default=220, help="seconds at most per configuration")
+    s.add_argument("--profile", action="store_true",
+                   help="profile pronghorn after its timed steps (profiles/pronghorn.txt and .host.txt)")
     return p.parse_args(argv)
 
 
@@ -253,7 +257,8 @@ def _to_device(batch: dict, device: str, dtype_of_pixels) -> dict:
     return out
 
 
-def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None) -> dict:
+def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
+          profile_path=None) -> dict:
     """Plain loop: forward with the collator's labels (loss from the model), backward, fused AdamW over the
     trainable parameters, zero_grad. Warm-up steps are untimed; peak memory is reset after them."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -296,6 +301,8 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        if profile_path:
+            common.write_profile(step, batches[warmup:], profile_path)
     return out
 
 
@@ -355,7 +362,8 @@ def run(args) -> dict:
             record.update(status="warmed", **warm)
             common.write_json(args.out, record)
 
-        result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed)
+        result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed,
+                       getattr(args, "profile", None))
         record.update(result)
         record.update(throughput(stats[args.warmup:], result["step_s"], result["timed_s"]))
         record["status"] = "ok"
@@ -466,6 +474,9 @@ def suite(args) -> int:
         record_path = out / f"{config}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--config", config, "--out", str(record_path),
                *_workload_argv(args)]
+        if args.profile and config == "pronghorn":
+            (out / "profiles").mkdir(exist_ok=True)
+            cmd += ["--profile", str(out / "profiles" / "pronghorn.txt")]
         log(f"running {config} (limit {limit}s)")
         with open(logs / f"{config}.log", "w") as fh:
             try:

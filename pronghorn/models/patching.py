@@ -25,11 +25,15 @@ class PatchRecord:
     spec: FamilySpec | None
     patched: list[tuple[nn.Module, str]] = field(default_factory=list)
     inference: bool = False
+    # (sub-config, its attention implementation before) for towers routed to another attention function
+    attention_routes: list[tuple[object, str | None]] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for _, kind in self.patched:
             counts[kind] = counts.get(kind, 0) + 1
+        if self.attention_routes:
+            counts["vision_attention"] = len(self.attention_routes)
         return counts
 
 
@@ -94,6 +98,8 @@ def unpatch_model(model: nn.Module) -> None:
         return
     for module, _ in record.patched:
         module.__dict__.pop("forward", None)
+    for config, previous in record.attention_routes:
+        config._attn_implementation_internal = previous
     del model._pronghorn_patch
     from pronghorn.nn.lora import end_steps
 

@@ -115,6 +115,8 @@ def test_fast_paths_match_hugging_face_loss_and_lora_grads(family):
     # Multimodal RoPE (Qwen-VL) and cross-attention (Mllama) keep Hugging Face's attention.
     expects_attention = vision_spec_for_model(ref).fast_attention
     assert ("attention" in summary) == expects_attention, summary
+    # Towers that pack all images into one stream take one varlen attention call per layer.
+    assert ("vision_attention" in summary) == vision_spec_for_model(ref).packed_vision_tower, summary
     ref, fast = (_lora(m, init_lora_weights=False) for m in (ref, fast))
     batch = _batch(family)
     losses, grads = [], []
@@ -131,17 +133,24 @@ def test_fast_paths_match_hugging_face_loss_and_lora_grads(family):
     assert any(".visual." in n or "vision" in n for n in grads[0]), "vision LoRA weights got no gradient"
 
 
-def test_unpatch_restores_hugging_face_forwards():
-    model = tiny_vlm_model("gemma3")
-    batch = _batch("gemma3")
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_5_vl"])
+def test_unpatch_restores_hugging_face_forwards(family):
+    model = tiny_vlm_model(family)
+    batch = _batch(family)
+    implementations = {id(c): c._attn_implementation for c in _configs(model)}
     with torch.no_grad():
         before = model(**batch).logits
     record = patch_vision_model(model)
     patched = [m for m, _ in record.patched]
     unpatch_model(model)
     assert all("forward" not in m.__dict__ for m in patched)
+    assert {id(c): c._attn_implementation for c in _configs(model)} == implementations
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before)
+
+
+def _configs(model):
+    return [model.config] + [getattr(model.config, key) for key in model.config.sub_configs]
 
 
 # ------------------------------------------------------------------------------------- train, save, reload

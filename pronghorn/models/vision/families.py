@@ -31,6 +31,8 @@ class VisionFamilySpec:
         fast_attention: False where the attention differs from the text family's (multimodal RoPE, cross
             attention), so it keeps Hugging Face's forward while norms and MLPs still get kernels.
         fused_loss: the class's forward is ``body(...) -> lm_head -> loss``, so the chunked LM-head loss is exact.
+        packed_vision_tower: the vision tower packs all images into one stream with ``cu_seqlens`` and takes one
+            varlen attention call for it under a "flash" implementation (``pronghorn.nn.vision_attention``).
         quant_skip: module-name fragments 4-bit/8-bit loading must not quantize (patch embedding, projector).
     """
 
@@ -42,6 +44,7 @@ class VisionFamilySpec:
     text_family: text_families.FamilySpec | None = None
     fast_attention: bool = False
     fused_loss: bool = True
+    packed_vision_tower: bool = False
     quant_skip: tuple[str, ...] = ()
 
     def skip_modules(self) -> list[str]:
@@ -56,15 +59,16 @@ def _skip_patterns(fragments) -> list[str]:
 
 QWEN2_VL = VisionFamilySpec(
     "qwen2_vl", ("qwen2_vl",), vision=("visual",), projector=("visual.merger",), text_family=text_families.QWEN2,
-    quant_skip=("visual.patch_embed", "visual.merger"),
+    packed_vision_tower=True, quant_skip=("visual.patch_embed", "visual.merger"),
 )
 QWEN2_5_VL = VisionFamilySpec(
     "qwen2_5_vl", ("qwen2_5_vl",), vision=("visual",), projector=("visual.merger",),
-    text_family=text_families.QWEN2, quant_skip=("visual.patch_embed", "visual.merger"),
+    text_family=text_families.QWEN2, packed_vision_tower=True, quant_skip=("visual.patch_embed", "visual.merger"),
 )
 QWEN3_VL = VisionFamilySpec(
     "qwen3_vl", ("qwen3_vl",), vision=("visual",), projector=("visual.merger", "visual.deepstack_merger_list"),
-    text_family=text_families.QWEN3, quant_skip=("visual.patch_embed", "visual.merger", "deepstack_merger_list"),
+    text_family=text_families.QWEN3, packed_vision_tower=True,
+    quant_skip=("visual.patch_embed", "visual.merger", "deepstack_merger_list"),
 )
 GEMMA3_VL = VisionFamilySpec(
     "gemma3", ("gemma3",), vision=("vision_tower",), projector=("multi_modal_projector",),

@@ -5,7 +5,8 @@ fused path only where the family's attention is the text family's (not multimoda
 attention). The whole model gets the chunked LM-head loss where its forward is ``body -> lm_head -> loss``
 (declared per family), so vision features still flow through the model's own body. The changes are
 recorded in the same ``PatchRecord`` as text models', so ``unpatch_model``, ``for_inference`` and
-pronghorn's SFTTrainer handle VLMs unchanged.
+pronghorn's SFTTrainer handle VLMs unchanged. Vision towers that pack all images into one stream
+(declared per family) get one varlen attention call per layer instead of one per image or window.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def patch_vision_model(model: nn.Module, spec: VisionFamilySpec | None = None) -
                 _bind(record, module, "attention", ff.attention_forward, spec=family)
             elif leaf == "mlp" and (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):
                 _bind(record, module, "mlp", ff.mlp_forward, spec=family)
+    if spec.packed_vision_tower:
+        _route_vision_towers(model, spec, record)
     if spec.fused_loss and model_body(model) is not model and hasattr(model, "get_output_embeddings"):
         original = model.forward
         _bind(record, model, "lm_head_loss", vision_lm_forward, original=original)
@@ -58,6 +61,16 @@ def patch_vision_model(model: nn.Module, spec: VisionFamilySpec | None = None) -
     logger.info("pronghorn fast paths for %s (%s, language model: %s): %s", type(model).__name__, spec.name,
                 family.name if family else "no kernels", record.summary())
     return record
+
+
+def _route_vision_towers(model: nn.Module, spec: VisionFamilySpec, record: PatchRecord) -> None:
+    from pronghorn.nn.vision_attention import route_vision_attention
+
+    configs = {id(c): c for c in (model.get_submodule(p).config for p in resolve_paths(model, spec.vision))}
+    for config in configs.values():
+        previous = route_vision_attention(config)
+        if config._attn_implementation != previous:
+            record.attention_routes.append((config, previous))
 
 
 _LOSS_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict")
