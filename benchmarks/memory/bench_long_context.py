@@ -75,9 +75,11 @@ def trial(args) -> dict:
         model.train()
 
         def step():
-            with torch.autocast(dev_type, dtype=torch.bfloat16), _attention_priority(args.attn_priority):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+            # The priority covers backward too: checkpoint recomputes must pick the forward's backend.
+            with _attention_priority(args.attn_priority):
+                with torch.autocast(dev_type, dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
