@@ -170,6 +170,16 @@ def checkpoint_is_current(shape: Shape, path) -> bool:
     return json.loads(marker.read_text()) == json.loads(json.dumps(_marker(shape)))
 
 
+def prepare_build(path, device: str | None) -> tuple[Path, str]:
+    """An empty folder at ``path`` (a previous build there is removed) and the device to build on (CUDA when
+    present, unless ``device`` names one)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path, device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_checkpoint(shape: Shape, path, device: str | None = None, seed: int = 0) -> dict:
     """Write a random-init bf16 checkpoint of ``shape`` plus its tokenizer to ``path``.
 
@@ -178,11 +188,7 @@ def build_checkpoint(shape: Shape, path, device: str | None = None, seed: int = 
     """
     from transformers import AutoModelForCausalLM
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    path, device = prepare_build(path, device)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     with torch.device(device):

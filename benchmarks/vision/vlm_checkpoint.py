@@ -12,7 +12,6 @@ functions, because Unsloth must be imported before transformers in its own bench
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -249,11 +248,7 @@ def build_vlm_checkpoint(shape: VLMShape, path, device: str | None = None, seed:
     """
     from transformers import AutoModelForImageTextToText
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    path, device = common.prepare_build(path, device)
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(shape)
     processor = build_processor(shape, tokenizer)

@@ -15,6 +15,8 @@ sub-config's implementation attribute directly, after registering the function u
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +66,7 @@ def vision_varlen_attention(
         return out.unsqueeze(0), None
     bounds_q, bounds_k = cu_seq_lens_q.tolist(), cu_k.tolist()
     pieces = []
-    for (q0, q1), (k0, k1) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
+    for (q0, q1), (k0, k1) in zip(pairwise(bounds_q), pairwise(bounds_k)):
         q, k, v = query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1]
         with sdpa_backend_policy(q):
             pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,

@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from pronghorn.nn.attention import _varlen_kernel
-from pronghorn.nn.vision_attention import VISION_VARLEN, route_vision_attention, vision_varlen_attention
+from pronghorn.nn.vision_attention import (
+    VISION_VARLEN,
+    route_vision_attention,
+    vision_varlen_attention,
+)
 from tests.tolerances import assert_close
 
 LENGTHS = [64, 1, 37, 64, 130]
