@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pronghorn.config.schema import TrainConfig
+from pronghorn.config.schema import EMBEDDED_MODEL_DEFAULTS, TrainConfig
 from pronghorn.config.validation import ConfigError, validate_train
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -43,6 +43,8 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
             raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(raw).__name__}")
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("model_name") is None:
+        values = {**EMBEDDED_MODEL_DEFAULTS, **values}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -11,6 +11,11 @@ def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+# The embedded model is a ~1M-parameter random-init demo: at the defaults meant for real LLMs (60 steps at 2e-4)
+# it learns no more than to stop at once, so its own defaults give it enough steps to learn the answer format.
+EMBEDDED_MODEL_DEFAULTS = {"max_steps": 300, "learning_rate": 2e-3}
+
+
 @dataclass
 class TrainConfig:
     # model
@@ -44,9 +49,9 @@ class TrainConfig:
     # training
     per_device_train_batch_size: int = _help("Examples per device per step", default=2)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step", default=4)
-    max_steps: int = _help("Optimizer steps (-1: train num_train_epochs)", default=60)
+    max_steps: int = _help("Optimizer steps (-1: train num_train_epochs; embedded model: 300)", default=60)
     num_train_epochs: float = _help("Epochs when max_steps is -1", default=1.0)
-    learning_rate: float = _help("Peak learning rate", default=2e-4)
+    learning_rate: float = _help("Peak learning rate (embedded model: 2e-3)", default=2e-4)
     embedding_learning_rate: float | None = _help("Separate lr for embed_tokens/lm_head", default=None)
     warmup_steps: int = _help("Linear warm-up steps", default=5)
     weight_decay: float = _help("AdamW weight decay", default=0.01)

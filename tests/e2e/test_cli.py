@@ -39,6 +39,14 @@ def test_yaml_and_cli_share_keys(tmp_path):
     assert (config.r, config.max_steps, config.target_modules) == (8, 7, ["q_proj", "v_proj"])
 
 
+def test_embedded_model_gets_its_own_defaults_and_named_models_the_usual_ones(tmp_path):
+    demo = load_config()
+    assert (demo.max_steps, demo.learning_rate) == (300, 2e-3)
+    assert load_config(max_steps=7).max_steps == 7  # what the user gives wins
+    named = load_config(model_name=str(tmp_path / "model"))
+    assert (named.max_steps, named.learning_rate) == (60, 2e-4)
+
+
 def test_yaml_unknown_key_is_named(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lora_rank: 8\n")
