@@ -64,10 +64,10 @@ def _sdpa(backend=None):
 
 
 def _varlen(q, k, v):
-    from pronghorn.nn.attention import _flat_varlen_attention, _varlen_kernel
+    from pronghorn.nn.attention import _flat_varlen_attention, varlen_flash_kernel
 
     batch, _, length, _ = q.shape
-    return _flat_varlen_attention(_varlen_kernel(), q, k, v, [[length]] * batch, None, None, None)
+    return _flat_varlen_attention(varlen_flash_kernel(), q, k, v, [[length]] * batch, None, None, None)
 
 
 def _step(fn, q, k, v, do):

@@ -57,7 +57,7 @@ def trial(args) -> dict:
     """One length, one configuration, in this process."""
     shape = _shared.common.get_shape(args.shape)
     rec = _shared.common.envelope(benchmark="long_context_trial", config=args.config, mode=args.mode, seq_len=args.seq,
-                           status="started")
+                                  attn_priority=args.attn_priority, status="started")
     _shared.common.write_json(args.out, rec)
     progress = _record_progress(rec, args.out, args.device)
     try:
@@ -101,7 +101,7 @@ def trial(args) -> dict:
         step()
         _shared.common.sync(args.device)
         dt = time.perf_counter() - t0
-        rec.update(status="ok", attn_priority=args.attn_priority, step_s=dt, tokens_per_s=args.seq / dt, warmup_steps=args.warmup_steps,
+        rec.update(status="ok", step_s=dt, tokens_per_s=args.seq / dt, warmup_steps=args.warmup_steps,
                    peak_gib=_shared.common.peak_gib(args.device))
     except Exception as e:  # an OOM is the expected end of the search
         rec.update(_shared.common.failure_fields(e))

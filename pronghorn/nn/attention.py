@@ -46,6 +46,7 @@ __all__ = [
     "register_varlen_sdpa",
     "sdpa_backend_policy",
     "set_attention_implementation",
+    "varlen_flash_kernel",
     "varlen_sdpa_attention",
 ]
 
@@ -212,7 +213,7 @@ def _cu_seqlens(position_ids, rows: list[list[int]], device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _varlen_kernel():
+def varlen_flash_kernel():
     """PyTorch's own varlen flash attention (torch >= 2.10) and the keyword style it takes, or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -352,7 +353,7 @@ def varlen_sdpa_attention(
                                                  scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     if query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
-        kernel = _varlen_kernel()
+        kernel = varlen_flash_kernel()
         if kernel is not None:
             # One launch for the whole stream; a loop of per-sequence sdpa calls also meets a new shape
             # per sequence, which some sdpa backends (cuDNN) pay for with a fresh plan each time.

@@ -20,7 +20,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from pronghorn.nn.attention import _varlen_kernel, sdpa_backend_policy
+from pronghorn.nn.attention import sdpa_backend_policy, varlen_flash_kernel
 
 __all__ = ["VISION_VARLEN", "route_vision_attention", "vision_varlen_attention"]
 
@@ -54,7 +54,7 @@ def vision_varlen_attention(
     if query.shape[0] != 1:
         raise ValueError(f"{VISION_VARLEN} expects one packed stream [1, heads, tokens, dim], got {tuple(query.shape)}")
     cu_k = cu_seq_lens_q if cu_seq_lens_k is None else cu_seq_lens_k
-    kernel = _varlen_kernel()
+    kernel = varlen_flash_kernel()
     if kernel is not None and query.is_cuda and dropout == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
         varlen_attn, has_window, _ = kernel
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]

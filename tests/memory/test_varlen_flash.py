@@ -3,7 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pronghorn.nn.attention import _varlen_kernel, _window_mask, varlen_sdpa_attention
+from pronghorn.nn.attention import (
+    _window_mask,
+    varlen_flash_kernel,
+    varlen_sdpa_attention,
+)
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -23,7 +27,7 @@ def _per_sequence(q, k, v, lengths, window):
 @pytest.mark.parametrize("window", [None, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flat_varlen_matches_per_sequence_sdpa(window, dtype):
-    if not torch.cuda.is_available() or _varlen_kernel() is None:
+    if not torch.cuda.is_available() or varlen_flash_kernel() is None:
         pytest.skip("needs CUDA and torch.nn.attention.varlen")
     torch.manual_seed(0)
     lengths = [1, 37, 300, 5, 170]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pronghorn.nn.attention import _varlen_kernel
+from pronghorn.nn.attention import varlen_flash_kernel
 from pronghorn.nn.vision_attention import (
     VISION_VARLEN,
     route_vision_attention,
@@ -52,7 +52,7 @@ def test_packed_attention_matches_per_block_split_cpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_packed_attention_matches_per_block_split_cuda(dtype):
-    if not torch.cuda.is_available() or _varlen_kernel() is None:
+    if not torch.cuda.is_available() or varlen_flash_kernel() is None:
         pytest.skip("needs CUDA and torch.nn.attention.varlen")
     _check("cuda", dtype, grad_scale=2.0)  # flash and sdpa accumulate the backward in different orders
 
