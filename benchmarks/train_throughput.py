@@ -168,6 +168,18 @@ def _watch_full_collections():
     return stop
 
 
+# CUDA caching-allocator counters read after every timed step: a cudaMalloc / cudaFree (or a retry, which frees
+# the whole cache) inside a step stalls the host or the device and can explain a step far slower than its peers.
+_ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def _allocator_counters(device_type: str) -> dict:
+    if device_type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in _ALLOCATOR_COUNTERS}
+
+
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
           profile_path=None) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
@@ -205,19 +217,23 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     _sync(device)
     t0 = time.perf_counter()
     timer.mark()
-    issue_s = 0.0
+    issue_s, counters, allocator_events = 0.0, _allocator_counters(device_type), []
     for i in range(warmup, warmup + steps):
         t_issue = time.perf_counter()
         losses.append(step(batches[i]))
         issue_s += time.perf_counter() - t_issue
         timer.mark()
+        now = _allocator_counters(device_type)
+        allocator_events.append({k: now[k] - counters[k] for k in now})
+        counters = now
     _sync(device)
     elapsed = time.perf_counter() - t0
     gc_pauses = gc_pauses()
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)
     # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
-    out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, full_gc_pauses_s=gc_pauses, step_s=timer.step_seconds(), losses=[x.item() for x in losses],
+    out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, full_gc_pauses_s=gc_pauses, step_s=timer.step_seconds(),
+               allocator_events_per_step=allocator_events, losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype) for p in params}))
     if device_type == "cuda":
