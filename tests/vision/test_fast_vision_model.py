@@ -257,3 +257,17 @@ def test_image_only_processor_refuses_videos_with_the_fix():
     processor = tiny_processor("qwen2_vl")
     with pytest.raises(VideoUnsupportedError, match="pip install torchvision"):
         processor._process_videos([[sample_image()]])
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_patched_model_generates_what_hugging_face_generates(family):
+    """for_inference + generate on an image batch: the patched model (routed vision attention included) picks
+    the same greedy tokens as the unpatched one."""
+    ref = tiny_vlm_model(family)
+    fast = copy.deepcopy(ref)
+    patch_vision_model(fast)
+    FastVisionModel.for_inference(fast)
+    ref.eval()
+    batch = {k: v for k, v in _batch(family).items() if k != "labels"}
+    outs = [m.generate(**batch, max_new_tokens=4, do_sample=False) for m in (ref, fast)]
+    assert torch.equal(outs[0], outs[1]), f"{family}: {outs}"
