@@ -54,6 +54,9 @@ def parse_args(argv=None):
                         "hf_peft and liger always use non-reentrant checkpointing")
     p.add_argument("--attn", choices=["sdpa", "eager"],
                    help="attn_implementation for hf_peft/liger (default: the shape's; sdpa except Gemma-2)")
+    p.add_argument("--stash-mlp-layers", type=int, default=0,
+                   help="pronghorn only, experimental: stash the MLP gate/up outputs of the first N checkpointed "
+                        "layers in host memory so the backward recompute skips their GEMMs (0: off)")
     p.add_argument("--profile", metavar="PATH",
                    help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
     p.add_argument("--no-autocast", dest="autocast", action="store_false",
@@ -125,7 +128,9 @@ def load_unsloth(args, shape, model_dir, seq_len):
 def load_pronghorn(args, shape, model_dir, seq_len):
     """pronghorn's Unsloth-compatible FastLanguageModel."""
     from pronghorn import FastLanguageModel
+    from pronghorn.memory.stash import set_stashed_layers
 
+    set_stashed_layers(getattr(args, "stash_mlp_layers", 0))
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
 
 
@@ -260,6 +265,7 @@ def run(args) -> dict:
     record = dict(kind="train_throughput", config=args.config, shape=shape.name, mode=args.mode,
                   gradient_checkpointing=("non-reentrant" if args.config in ("hf_peft", "liger") else args.gc),
                   attn_implementation=(args.attn if args.config in ("hf_peft", "liger") else "library default"),
+                  stash_mlp_layers=args.stash_mlp_layers if args.config == "pronghorn" else None,
                   autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
                   warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
                   target_modules=common.TARGET_MODULES, status="started", date=common.now_utc(),

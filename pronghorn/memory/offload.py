@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from pronghorn.memory.recompute import backward_recompute
+from pronghorn.memory.stash import active_stash, next_layer_stash
 
 __all__ = ["offloaded_checkpoint", "OffloadedActivation"]
 
@@ -57,16 +58,24 @@ class OffloadedActivation:
 
     _last: "weakref.ref[OffloadedActivation] | None" = None
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, link: bool = True, keep_on_device: bool = True):
+        """Start copying ``tensor`` to pinned host memory. ``link``: chain this record to the previous one
+        (layer inputs; see :meth:`prefetch_previous`). ``keep_on_device``: where the host budget has no room,
+        keep a reference to ``tensor`` (layer inputs must survive); otherwise park nothing (``parked``
+        is False) and let the caller recompute it."""
         self.device = tensor.device
         self.shape = tensor.shape
         self.dtype = tensor.dtype
         self._version = tensor._version
         self._restored: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
-        self.previous = OffloadedActivation._last
-        OffloadedActivation._last = weakref.ref(self)
+        self.stash = None  # the layer's stashed activations (pronghorn.memory.stash), prefetched with it
+        self.previous = OffloadedActivation._last if link else None
+        if link:
+            OffloadedActivation._last = weakref.ref(self)
         self._host: list[torch.Tensor] | None = None
+        self._source: torch.Tensor | None = None
+        self._stream = None
         self._host_bytes = _pinned_bytes(tensor.numel(), tensor.element_size())
         if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes):
             src = tensor.detach()
@@ -82,14 +91,18 @@ class OffloadedActivation:
             # The compute stream may free and reuse ``tensor``'s memory once the layer is done with
             # it; tell the caching allocator the side stream still reads it.
             src.record_stream(self._stream)
-            self._source: torch.Tensor | None = None
-        else:
+        elif not tensor.is_cuda or keep_on_device:
             # Already in host memory (the "copy" is free), or host memory is nearly full: keep a
             # reference where it is and check in backward that nobody modified it in place.
             if tensor.is_cuda:
                 _warn_host_full_once(tensor.device)
-            self._stream = None
             self._source = tensor.detach()
+        self.parked = self._host is not None or self._source is not None
+
+    def discard(self) -> None:
+        """Give up this record (its host copy, if any, is released once the copy stream is done with it)."""
+        self._source = self._restored = None
+        self._release_host()
 
     def prefetch(self) -> None:
         """Start the host-to-device copy on the side stream, if not started yet."""
@@ -108,10 +121,12 @@ class OffloadedActivation:
         self._restored = out
 
     def prefetch_previous(self) -> None:
-        """Bring back the input of the layer that ran just before this one in forward."""
+        """Bring back the input (and stashed activations) of the layer that ran just before this one."""
         prev = self.previous() if self.previous is not None else None
         if prev is not None and prev.device == self.device:
             prev.prefetch()
+            if prev.stash is not None:
+                prev.stash.prefetch()
 
     def restore(self) -> torch.Tensor:
         """The saved tensor, on its original device, safe to use on the current stream."""
@@ -261,9 +276,11 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.rng = _capture_rng(hidden.device) if preserve_rng_state else None
         ctx.input_needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
         ctx.record = OffloadedActivation(hidden)
+        ctx.record.stash = stash = next_layer_stash()
         # The other positional arguments are rare (transformers passes hidden_states alone) and small.
         ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]
-        outputs = run_function(*args)
+        with active_stash(stash):
+            outputs = run_function(*args)
         if isinstance(outputs, torch.Tensor):
             ctx.single = True
             return outputs
@@ -292,7 +309,8 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast), backward_recompute():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast), backward_recompute(), \
+                    active_stash(record.stash):
                 outputs = ctx.run_function(*inputs)
         outputs = (outputs,) if ctx.single else outputs
         pairs = [

@@ -74,8 +74,23 @@ def mlp_forward(self, hidden_states, *, spec: FamilySpec):
     def unfused(x):
         return activation_mlp(self, x, activation=spec.activation, fused_gate_up=spec.fused_gate_up)
 
-    output_unused = spec.mlp_output_to_residual and in_backward_recompute()
-    return fused_mlp_forward(self, hidden_states, spec.activation, fallback=unfused, output_unused=output_unused)
+    recompute = in_backward_recompute()
+    output_unused = spec.mlp_output_to_residual and recompute
+    return fused_mlp_forward(self, hidden_states, spec.activation, fallback=unfused, output_unused=output_unused,
+                             stash=_gate_up_stash(recompute))
+
+
+def _gate_up_stash(recompute: bool):
+    """Where this MLP call hands its gate/up outputs to its layer's recompute, or takes them from (None: off)."""
+    from pronghorn.kernels.lora.mlp import GateUpStash
+    from pronghorn.memory.stash import current_stash
+
+    stash = current_stash()
+    if stash is None:
+        return None
+    if recompute:
+        return GateUpStash(outputs=stash.take("mlp"))
+    return GateUpStash(sink=lambda outs: stash.put("mlp", outs))
 
 
 # ---------------------------------------------------------------------------------------- LM head loss
@@ -88,9 +103,11 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, *, original, **kwargs):
     """Training steps with labels compute the loss chunk by chunk from hidden states (logits never exist);
     everything else (evaluation, generation, inference mode) takes the model's own forward."""
+    from pronghorn.memory.stash import begin_forward
     from pronghorn.nn.lora import begin_step
 
     begin_step()  # LoRA factors are cast once per step (forward, recompute and backward share them)
+    begin_forward()  # layer positions for pronghorn.memory.stash restart
     shift_labels = kwargs.get("shift_labels")
     patch = getattr(self, "_pronghorn_patch", None)
     fused = (

@@ -152,7 +152,7 @@ def _original(module: nn.Module, fallback: Optional[Callable]) -> Callable:
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor, activation: str,
                       fallback: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                      output_unused: bool = False) -> torch.Tensor:
+                      output_unused: bool = False, stash=None) -> torch.Tensor:
     """A gated MLP's output through :func:`lora_mlp` when all its projections qualify, else ``fallback(x)``.
 
     Args:
@@ -163,6 +163,7 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor, activation: str,
         fallback: called as ``fallback(x)`` when the fused path does not apply; defaults to the MLP
             class's own forward (so it is safe to bind this function as the instance's forward).
         output_unused: passed to :func:`lora_mlp` (skip the down GEMM when only gradients are needed).
+        stash: passed to :func:`lora_mlp` (gate/up outputs handed from forward to the backward recompute).
     """
     fused = hasattr(mlp, "gate_up_proj")
     names = ("gate_up_proj", "down_proj") if fused else ("gate_proj", "up_proj", "down_proj")
@@ -170,8 +171,9 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor, activation: str,
     if any(p is None for p in parts):
         return _original(mlp, fallback)(x)
     if fused:
-        return lora_mlp(x, parts[0], None, parts[1], activation, fused_gate_up=True, output_unused=output_unused)
-    return lora_mlp(x, parts[0], parts[1], parts[2], activation, output_unused=output_unused)
+        return lora_mlp(x, parts[0], None, parts[1], activation, fused_gate_up=True, output_unused=output_unused,
+                        stash=stash)
+    return lora_mlp(x, parts[0], parts[1], parts[2], activation, output_unused=output_unused, stash=stash)
 
 
 def fused_qkv_forward(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,13 +15,16 @@ Backward, with ``dy`` upstream:
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from . import cast_cache
 from .activation import check_activation, gated_backward_, gated_forward
 from .parts import as_parts
 from .projection import (
-    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts,
+    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs,
+    unflat_parts,
 )
 
 
@@ -29,12 +32,18 @@ class LoraMLPFunction(torch.autograd.Function):
     """Gated MLP of LoRA projections (separate gate/up, or one fused gate_up). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, activation, fused_gate_up, output_unused, scales, *flat):
+    def forward(ctx, x, activation, fused_gate_up, output_unused, stash, scales, *flat):
         parts = unflat_parts(flat, scales)
         in_parts, down = parts[:-1], parts[-1]
         dtype = compute_dtype(x)
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
-        outs, xas = forward_shared(x2, in_parts, dtype)
+        if stash is not None and stash.outputs is not None:
+            # gate/up outputs from this layer's forward (pronghorn.memory.stash): only the small x A^T remain
+            outs, xas = stash.outputs, lora_inputs(x2, in_parts, dtype)
+        else:
+            outs, xas = forward_shared(x2, in_parts, dtype)
+            if stash is not None and stash.sink is not None:
+                stash.sink(outs)
         g, u = _split(outs, fused_gate_up)
         h = gated_forward(g, u, activation)
         if output_unused:
@@ -43,7 +52,7 @@ class LoraMLPFunction(torch.autograd.Function):
         else:
             (y,), (ha,) = forward_shared(h, [down], dtype)
         del h
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[6:]  # after x, activation, fused_gate_up, output_unused, stash, scales
         need_a = [needs[i * PER_PROJ + 1] for i in range(len(parts))]
         need_b = [needs[i * PER_PROJ + 2] for i in range(len(parts))]
         n_in = len(in_parts)
@@ -96,7 +105,7 @@ class LoraMLPFunction(torch.autograd.Function):
             if dx is not None:
                 dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
         grads = grads_out(parts, d_as + d_as_down, d_bs + d_bs_down)
-        return (dx, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 def _split(outs, fused):
@@ -107,8 +116,17 @@ def _split(outs, fused):
     return outs[0], outs[1]
 
 
+class GateUpStash(NamedTuple):
+    """Gate/up outputs handed between a layer's forward and its backward recompute: ``sink`` receives them in
+    forward; ``outputs`` replaces computing them in the recompute (either may be None)."""
+
+    outputs: list | None = None
+    sink: Callable[[list], None] | None = None
+
+
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
-             fused_gate_up: bool = False, output_unused: bool = False) -> torch.Tensor:
+             fused_gate_up: bool = False, output_unused: bool = False,
+             stash: GateUpStash | None = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` for a gated MLP whose projections may carry LoRA adapters.
 
     Args:
@@ -123,6 +141,8 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
             checkpointed layer recomputed in backward, see :mod:`pronghorn.memory.recompute`): the
             down projection's GEMM is skipped and zeros of the output's shape are returned. The
             gradients are those of the normal path.
+        stash: gate/up outputs to hand to, or take from, a later recompute (see :class:`GateUpStash`); the
+            outputs taken must be exactly what this call would compute (same input and weights).
 
     The backward overwrites the saved gate/up outputs, so the graph supports a single backward pass.
     """
@@ -138,6 +158,6 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
         if up is None:
             raise ValueError("up is None: pass the up projection, or fused_gate_up=True for Phi-3's gate_up_proj")
         parts = [as_parts(gate), as_parts(up), as_parts(down)]
-    return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), bool(output_unused),
+    return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), bool(output_unused), stash,
                                  tuple(float(p.scale) for p in parts),
                                  *flat_parts(parts))

@@ -48,24 +48,26 @@ def cast_to(t, dtype):
     return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
 
+def lora_inputs(x2: torch.Tensor, parts: list[LoraParts], dtype) -> list:
+    """Each projection's ``x A^T`` [N, r] for projections sharing input ``x2`` (None without LoRA), in one GEMM."""
+    lora = [p for p in parts if p.A is not None]
+    if not lora:
+        return [None] * len(parts)
+    a_cat = cast_cache.cat_rows([p.A for p in lora], dtype)
+    xas_iter = iter((x2 @ a_cat.t()).split([p.A.shape[0] for p in lora], dim=1))
+    return [next(xas_iter) if p.A is not None else None for p in parts]
+
+
 def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[list, list]:
     """Outputs of projections sharing input ``x2`` [N, in], and each one's ``x A^T`` (None without LoRA)."""
-    lora = [p for p in parts if p.A is not None]
-    xas_iter = iter(())
-    if lora:
-        a_cat = cast_cache.cat_rows([p.A for p in lora], dtype)
-        xa_all = x2 @ a_cat.t()
-        xas_iter = iter(xa_all.split([p.A.shape[0] for p in lora], dim=1))
-    outs, xas = [], []
-    for p in parts:
+    xas, outs = lora_inputs(x2, parts, dtype), []
+    for p, xa in zip(parts, xas):
         w = dense_weight(p.weight, dtype)
         y = F.linear(x2, w, cast_to(p.bias, dtype))
         del w  # a dequantized weight is freed here, before the next projection materialises its own
-        xa = next(xas_iter) if p.A is not None else None
         if xa is not None:
             y.addmm_(xa, cast_cache.cast(p.B, dtype).t(), alpha=p.scale)
         outs.append(y)
-        xas.append(xa)
     return outs, xas
 
 
