@@ -39,7 +39,7 @@ def begin_forward() -> None:
     _state.layers_seen = 0
 
 
-def next_layer_stash() -> "LayerStash | None":
+def next_layer_stash() -> LayerStash | None:
     """A stash for the checkpointed layer about to run, or None when its position is past the stashed ones."""
     seen = getattr(_state, "layers_seen", 0)
     _state.layers_seen = seen + 1
