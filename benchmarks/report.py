@@ -28,6 +28,8 @@ def label(rec: dict) -> str:
         name += " (gc=True)"
     if rec.get("autocast_bf16") is False:
         name += " (no autocast)"
+    if rec.get("stash_mlp_layers"):
+        name += f" (stash {rec['stash_mlp_layers']})"
     return name
 
 

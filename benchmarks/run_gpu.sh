@@ -12,7 +12,8 @@
 # Options (defaults in brackets):
 #   --shape NAME            llama-3.1-8b | qwen3-8b | gemma-2-9b | tiny | tiny-qwen3 | tiny-gemma2 (required)
 #   --modes LIST            comma-separated bf16,qlora [bf16,qlora]
-#   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger]
+#   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger];
+#                           pronghorn+stashN adds the experimental MLP stash over the first N layers
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -78,17 +79,19 @@ IFS=, read -ra GC_LIST <<< "$GCS"
 for mode in "${MODE_LIST[@]}"; do
   for config in "${CONFIG_LIST[@]}"; do
     variants=("${GC_LIST[@]}")
-    case $config in unsloth|pronghorn) ;; *) variants=(unsloth) ;; esac  # gc choice applies to these two only
+    case $config in unsloth|pronghorn*) ;; *) variants=(unsloth) ;; esac  # gc choice applies to these two only
     for gc in "${variants[@]}"; do
       name="$config-$mode"
-      case $config in unsloth|pronghorn) [ "$gc" = unsloth ] || name="$name-gc$gc" ;; esac
+      case $config in unsloth|pronghorn*) [ "$gc" = unsloth ] || name="$name-gc$gc" ;; esac
+      stash=()  # pronghorn+stashN: the experimental MLP stash over the first N layers
+      if [[ $config == pronghorn+stash* ]]; then stash=(--stash-mlp-layers "${config#pronghorn+stash}"); fi
       left=$(( BUDGET - $(elapsed) - 15 ))
       limit=$(( TIMEOUT < left ? TIMEOUT : left ))
       if [ "$limit" -lt 30 ]; then log "skipping $name: only ${left}s of the budget left"; continue; fi
       log "running $name (limit ${limit}s)"
-      timeout --kill-after=10 "$limit" $PY benchmarks/train_throughput.py --shape "$SHAPE" --config "$config" \
+      timeout --kill-after=10 "$limit" $PY benchmarks/train_throughput.py --shape "$SHAPE" --config "${config%%+*}" \
         --mode "$mode" --gc "$gc" --model-dir "$MODEL_DIR" --peak-json "$RES/peak.json" --commit "$COMMIT" \
-        --out "$RES/$name.json" ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOGS/$name.log"
+        --out "$RES/$name.json" ${stash[@]+"${stash[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOGS/$name.log"
       rc=${PIPESTATUS[0]}
       echo "$rc" > "$RES/$name.rc"
       log "$name finished with exit code $rc"
