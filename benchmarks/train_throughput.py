@@ -173,16 +173,20 @@ def _watch_full_collections():
     return stop
 
 
-# CUDA caching-allocator counters read after every timed step: a cudaMalloc / cudaFree (or a retry, which frees
-# the whole cache) inside a step stalls the host or the device and can explain a step far slower than its peers.
+# Allocator counters read after every timed step: a cudaMalloc / cudaFree (or a retry, which frees the whole
+# cache), or a new pinned host block (cudaHostAlloc page-locks it, milliseconds per block) inside a step stalls
+# the host or the device and can explain a step far slower than its peers.
 _ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+_HOST_COUNTERS = ("num_host_alloc", "num_host_free", "host_alloc_time.total")
 
 
 def _allocator_counters(device_type: str) -> dict:
     if device_type != "cuda":
         return {}
     stats = torch.cuda.memory_stats()
-    return {k: stats.get(k, 0) for k in _ALLOCATOR_COUNTERS}
+    counters = {k: stats.get(k, 0) for k in _ALLOCATOR_COUNTERS}
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return counters | {k: host.get(k, 0) for k in _HOST_COUNTERS}
 
 
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
