@@ -15,7 +15,8 @@ Backward, with ``dy`` upstream:
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
