@@ -16,7 +16,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pronghorn.kernels.cross_entropy import (
@@ -24,6 +23,7 @@ from pronghorn.kernels.cross_entropy import (
     cross_entropy_from_logits_reference,
     token_stats_from_logits,
 )
+from pronghorn.training.loss import next_token_labels
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def lm_head_loss(
         raise ValueError("lm_head_loss: pass exactly one of labels (unshifted) and shift_labels (shifted)")
     logits = lm_head(hidden_states)
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = next_token_labels(labels, ignore_index)
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1).to(logits.device)
     if collector is not None:
         collector.add(token_stats_from_logits(flat_logits, flat_labels, ignore_index, spec.softcap, spec.logit_scale))

@@ -14,6 +14,13 @@ from __future__ import annotations
 import torch
 
 
+def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``labels [..., S]`` shifted one position left, the last position ``ignore_index``: the target of
+    each position is the next token (Hugging Face's ``ForCausalLMLoss``). Shifting the labels rather than
+    the logits or hidden states keeps those free views."""
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 def count_label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Number of entries of ``labels`` that are not ``ignore_index`` (an int64 tensor, no sync)."""
     return (labels != ignore_index).sum()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from pronghorn.kernels.cross_entropy import token_stats_from_logits
+from pronghorn.training.loss import next_token_labels
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def stats_from_logits(logits: torch.Tensor, labels: torch.Tensor | None,
     if shift_labels is None:
         if labels is None:
             return None
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        shift_labels = next_token_labels(labels, IGNORE_INDEX)
     return token_stats_from_logits(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), IGNORE_INDEX)
 
 

@@ -6,7 +6,6 @@ buffer is turned into its own gradient and consumed by two matmuls before the ne
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pronghorn.kernels.backend import use_triton
 from pronghorn.kernels.cross_entropy.reference import (
@@ -14,7 +13,7 @@ from pronghorn.kernels.cross_entropy.reference import (
     check_token_stats_out,
     fused_linear_cross_entropy_reference,
 )
-from pronghorn.training.loss import count_label_tokens, loss_divisor
+from pronghorn.training.loss import count_label_tokens, loss_divisor, next_token_labels
 
 CPU_CHUNK_ROWS = 256
 _MIN_CHUNK, _MAX_CHUNK = 1024, 65536
@@ -248,8 +247,7 @@ def causal_lm_fused_loss(
     if shift_labels is None:
         if labels.shape != (batch, seq):
             raise ValueError(f"causal_lm_fused_loss: labels must be [B, S] = {(batch, seq)}, got {tuple(labels.shape)}")
-        # Shifting the labels, not the hidden states, keeps hidden_states a free view (no copy).
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = next_token_labels(labels, ignore_index)
     elif shift_labels.shape != (batch, seq):
         raise ValueError(f"causal_lm_fused_loss: shift_labels must be [B, S] = {(batch, seq)}, "
                          f"got {tuple(shift_labels.shape)}")
