@@ -403,8 +403,9 @@ class Timer:
 
 
 def write_profile(step, batches, path) -> None:
-    """Two steps under torch.profiler (per-kernel table by device time, to ``path``), then two under
-    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``)."""
+    """Two steps under torch.profiler (per-kernel table by device time, to ``path``), two under
+    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``), then two with only
+    the device traced (:func:`device_timeline`, to ``path`` with suffix ``.timeline.json``)."""
     import cProfile
     import io
     import pstats
@@ -426,6 +427,46 @@ def write_profile(step, batches, path) -> None:
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(45)
     Path(path).with_suffix(".host.txt").write_text(text.getvalue())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device only: no host-side profiler overhead
+        for batch in batches[:2]:
+            step(batch)
+        torch.cuda.synchronize()
+    kernels = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.device_resource_id())
+               for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
+    Path(path).with_suffix(".timeline.json").write_text(json.dumps(device_timeline(kernels), indent=1))
+
+
+def device_timeline(kernels: list[tuple[int, int, str, int]], top: int = 15) -> dict:
+    """How busy the GPU was over a profiled window: ``kernels`` are (start_ns, end_ns, name, stream).
+
+    Returns the window, the time any kernel or copy ran (union over streams), the busy time of the
+    stream that ran the most, and the ``top`` largest gaps in which nothing ran, each with the names of
+    the activity before and after it: a gap is time the GPU waited on the host (Python, a launch, a
+    synchronisation), which a faster kernel cannot win back.
+    """
+    if not kernels:
+        return {"window_ms": 0.0, "busy_ms": 0.0, "busy_fraction": 0.0, "gaps": []}
+    kernels = sorted(kernels)
+    per_stream: dict[int, float] = {}
+    for start, end, _, stream in kernels:
+        per_stream[stream] = per_stream.get(stream, 0.0) + (end - start)
+    busy, gaps, cur_end, cur_name = 0, [], kernels[0][0], kernels[0][2]
+    for start, end, name, _ in kernels:
+        if start > cur_end:
+            gaps.append((start - cur_end, cur_name, name))
+        if end > cur_end:
+            busy += end - max(start, cur_end)
+            cur_end, cur_name = end, name
+    window = cur_end - kernels[0][0]
+    gaps.sort(reverse=True)
+    return {
+        "window_ms": window / 1e6,
+        "busy_ms": busy / 1e6,
+        "busy_fraction": busy / window,
+        "main_stream_busy_ms": max(per_stream.values()) / 1e6,
+        "idle_ms_in_gaps_over_100us": sum(g for g, _, _ in gaps if g > 100_000) / 1e6,
+        "gaps": [{"ms": g / 1e6, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]],
+    }
 
 
 def device_name(device: str | None = None) -> str:

@@ -20,13 +20,15 @@
 #   --budget S              whole-command limit; later runs get less time or are skipped so the report is
 #                           written before the device tool's 600 s cut-off [570]
 #   --commit SHA            git commit to record (the device copy has no .git)
+#   --profile               after timing, profile each configuration (kernel table, host profile, device
+#                           timeline) into <config>-<mode>.prof*.txt|json next to its results
 #   --model-root DIR        where checkpoints live [/dev/shm/pronghorn-bench]
 #   --out DIR               results folder [$OUT, else /tmp/pronghorn-bench-out]
 set -uo pipefail
 
 SHAPE=""; MODES="bf16,qlora"; CONFIGS="hf_peft,unsloth,pronghorn,liger"; GCS="unsloth"
 TIMEOUT=150; BUDGET=570; COMMIT=""; MODEL_ROOT=/dev/shm/pronghorn-bench; OUTDIR="${OUT:-/tmp/pronghorn-bench-out}"
-EXTRA=()
+EXTRA=(); PROFILE=0
 while [ $# -gt 0 ]; do
   case $1 in
     --shape) SHAPE=$2; shift 2 ;;
@@ -37,9 +39,10 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=$2; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --commit) COMMIT=$2; shift 2 ;;
+    --profile) PROFILE=1; shift ;;
     --model-root) MODEL_ROOT=$2; shift 2 ;;
     --out) OUTDIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -83,15 +86,16 @@ for mode in "${MODE_LIST[@]}"; do
     for gc in "${variants[@]}"; do
       name="$config-$mode"
       case $config in unsloth|pronghorn*) [ "$gc" = unsloth ] || name="$name-gc$gc" ;; esac
-      stash=()  # pronghorn+stashN: the experimental MLP stash over the first N layers
-      if [[ $config == pronghorn+stash* ]]; then stash=(--stash-mlp-layers "${config#pronghorn+stash}"); fi
+      per_run=()  # per-run options; pronghorn+stashN: the experimental MLP stash over the first N layers
+      if [[ $config == pronghorn+stash* ]]; then per_run=(--stash-mlp-layers "${config#pronghorn+stash}"); fi
+      if [ "$PROFILE" = 1 ]; then per_run+=(--profile "$RES/$name.prof.txt"); fi
       left=$(( BUDGET - $(elapsed) - 15 ))
       limit=$(( TIMEOUT < left ? TIMEOUT : left ))
       if [ "$limit" -lt 30 ]; then log "skipping $name: only ${left}s of the budget left"; continue; fi
       log "running $name (limit ${limit}s)"
       timeout --kill-after=10 "$limit" $PY benchmarks/train_throughput.py --shape "$SHAPE" --config "${config%%+*}" \
         --mode "$mode" --gc "$gc" --model-dir "$MODEL_DIR" --peak-json "$RES/peak.json" --commit "$COMMIT" \
-        --out "$RES/$name.json" ${stash[@]+"${stash[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOGS/$name.log"
+        --out "$RES/$name.json" ${per_run[@]+"${per_run[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOGS/$name.log"
       rc=${PIPESTATUS[0]}
       echo "$rc" > "$RES/$name.rc"
       log "$name finished with exit code $rc"

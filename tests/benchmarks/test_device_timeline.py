@@ -1,0 +1,35 @@
+"""The profile's device-timeline summary: busy time is the union over streams, gaps are where nothing ran."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.common import device_timeline
+
+MS = 1_000_000
+
+
+def test_union_over_streams_and_gaps_between_activity():
+    kernels = [
+        (0, 4 * MS, "gemm", 7),
+        (1 * MS, 3 * MS, "copy", 20),       # overlaps the GEMM: not idle, not counted twice
+        (6 * MS, 7 * MS, "norm", 7),        # 2 ms gap after the GEMM
+        (7 * MS + 50_000, 8 * MS, "rope", 7),  # 0.05 ms gap: below the 0.1 ms idle threshold
+    ]
+    t = device_timeline(kernels)
+    assert t["window_ms"] == pytest.approx(8.0)
+    assert t["busy_ms"] == pytest.approx(4.0 + 1.0 + 0.95)
+    assert t["busy_fraction"] == pytest.approx(5.95 / 8.0)
+    assert t["main_stream_busy_ms"] == pytest.approx(5.95)
+    assert t["idle_ms_in_gaps_over_100us"] == pytest.approx(2.0)
+    assert t["gaps"][0] == {"ms": pytest.approx(2.0), "after": "gemm", "before": "norm"}
+    assert t["gaps"][1]["ms"] == pytest.approx(0.05)
+
+
+def test_a_kernel_inside_a_longer_one_does_not_end_the_busy_interval():
+    t = device_timeline([(0, 10 * MS, "long", 1), (2 * MS, 3 * MS, "short", 2), (11 * MS, 12 * MS, "next", 1)])
+    assert t["busy_ms"] == pytest.approx(11.0)
+    assert t["gaps"] == [{"ms": pytest.approx(1.0), "after": "long", "before": "next"}]
+
+
+def test_empty_window():
+    assert device_timeline([])["busy_fraction"] == 0.0
