@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def _first_loss(rec: dict):
     return losses[0] if losses else None
 
 
+def median_step_ms(rec: dict):
+    """The median timed step in ms: unlike the mean (tokens/s), one slow step does not move it."""
+    steps = rec.get("step_s") or []
+    return 1000 * statistics.median(steps) if steps else None
+
+
 def _fmt(x, spec: str, suffix: str = "") -> str:
     return "–" if x is None else format(x, spec) + suffix
 
@@ -116,15 +123,15 @@ def markdown(records: list, peak: dict | None) -> str:
             lines.append(f"- measured bf16 matmul peak: {ref['peak_matmul_tflops']:.1f} TFLOP/s; MFU is against it")
         if ref.get("shape_notes"):
             lines.append(f"- note: {ref['shape_notes']}")
-        lines += ["", "| config | mode | batch×seq | tokens/s | ms/step | peak GiB | MFU (6N) | MFU (LoRA 4N) "
+        lines += ["", "| config | mode | batch×seq | tokens/s | ms/step | median ms | peak GiB | MFU (6N) | MFU (LoRA 4N) "
                       "| speed vs HF | mem vs HF | speed vs Unsloth | mem vs Unsloth | loss₀ − HF | status |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             ok_row = r["status"] == "ok"
             status = "ok" if ok_row else f"{r['status']}: {str(r.get('error', ''))[:120]}".replace("|", "/")
             lines.append("| " + " | ".join([
                 r["label"], r["mode"], f"{r['batch_size']}×{r['seq_len']}",
-                _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("ms_per_step"), ".1f"),
+                _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("ms_per_step"), ".1f"), _fmt(median_step_ms(r), ".1f"),
                 _fmt(r.get("peak_gib"), ".2f"),
                 _fmt(100 * r["mfu"] if ok_row else None, ".1f", "%"),
                 _fmt(100 * r["mfu_lora"] if ok_row else None, ".1f", "%"),
@@ -139,7 +146,8 @@ def markdown(records: list, peak: dict | None) -> str:
         "params (forward + input gradient) + 6 × LoRA params + attention. Attention per token = 12 × layers × "
         "keys-per-query × heads × head_dim, with keys-per-query = seq/2 (causal). Neither counts the forward "
         "recomputed by gradient checkpointing. loss₀ − HF is the first step's loss minus hf_peft's on the same "
-        "batch: LoRA B starts at zero, so it measures forward-pass agreement with transformers.", ""]
+        "batch: LoRA B starts at zero, so it measures forward-pass agreement with transformers. tokens/s and "
+        "ms/step are over all timed steps (the mean); median ms is the median timed step.", ""]
     return "\n".join(lines)
 
 

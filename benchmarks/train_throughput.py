@@ -189,6 +189,15 @@ def _allocator_counters(device_type: str) -> dict:
     return counters | {k: host.get(k, 0) for k in _HOST_COUNTERS}
 
 
+def _gpu_clocks() -> dict:
+    """SM clock (MHz) and board power (W) now, where NVML can be read (pynvml installed), else {}: a step
+    much slower than its peers at a lower clock was throttled, not slowed by the code."""
+    try:
+        return {"sm_clock_mhz": torch.cuda.clock_rate(), "power_w": torch.cuda.power_draw() / 1000}
+    except Exception:  # noqa: BLE001 - no pynvml, no NVML, or a driver that does not report these
+        return {}
+
+
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
           profile_path=None) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
@@ -233,7 +242,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         issue_s += time.perf_counter() - t_issue
         timer.mark()
         now = _allocator_counters(device_type)
-        allocator_events.append({k: now[k] - counters[k] for k in now})
+        allocator_events.append({k: now[k] - counters[k] for k in now} | (_gpu_clocks() if device_type == "cuda" else {}))
         counters = now
     _sync(device)
     elapsed = time.perf_counter() - t0

@@ -22,6 +22,7 @@ without ``enable_input_require_grads``.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -75,7 +76,7 @@ class OffloadedActivation:
             OffloadedActivation._last = weakref.ref(self)
         self._host: list[torch.Tensor] | None = None
         self._source: torch.Tensor | None = None
-        self._stream = None
+        self._saved: torch.cuda.Event | None = None
         self._host_bytes = _pinned_bytes(tensor.numel(), tensor.element_size())
         if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes):
             src = tensor.detach()
@@ -83,14 +84,14 @@ class OffloadedActivation:
             flat = src.view(-1)
             self._host = [torch.empty(n, dtype=tensor.dtype, device="cpu", pin_memory=True)
                           for n in _chunk_sizes(flat.numel(), tensor.element_size())]
-            self._stream = _side_stream(tensor.device)
-            self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
-            with torch.cuda.stream(self._stream):
+            stream = _side_stream(tensor.device, "to_host")
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
                 for host, piece in zip(self._host, flat.split([h.numel() for h in self._host])):
                     host.copy_(piece, non_blocking=True)
-            # The compute stream may free and reuse ``tensor``'s memory once the layer is done with
-            # it; tell the caching allocator the side stream still reads it.
-            src.record_stream(self._stream)
+                self._saved = torch.cuda.Event()
+                self._saved.record(stream)
+            _COPYING.hold(src, self._saved)
         elif not tensor.is_cuda or keep_on_device:
             # Already in host memory (the "copy" is free), or host memory is nearly full: keep a
             # reference where it is and check in backward that nobody modified it in place.
@@ -106,18 +107,21 @@ class OffloadedActivation:
 
     def prefetch(self) -> None:
         """Start the host-to-device copy on the side stream, if not started yet."""
+        _COPYING.release_finished()  # forward's last copies are done by now; backward needs the memory
         if self._restored is not None or self._host is None:
             return
         compute = torch.cuda.current_stream(self.device)
         # Allocated from the compute stream, which will use and free it.
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        self._stream.wait_stream(compute)
-        with torch.cuda.stream(self._stream):
+        stream = _side_stream(self.device, "to_device")
+        stream.wait_stream(compute)
+        stream.wait_event(self._saved)  # the host copy may still be on its way (the other direction's stream)
+        with torch.cuda.stream(stream):
             for host, piece in zip(self._host, out.view(-1).split([h.numel() for h in self._host])):
                 piece.copy_(host, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record(self._stream)
-        out.record_stream(self._stream)
+            self._ready.record(stream)
+        out.record_stream(stream)
         self._restored = out
 
     def prefetch_previous(self) -> None:
@@ -247,14 +251,41 @@ def _warn_host_full_once(device: torch.device) -> None:
     )
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    # One side stream per device, created lazily so importing this module touches no GPU.
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
+    """The copy stream for one direction ("to_host" / "to_device") on ``device``, created on first use so that
+    importing this module touches no GPU. PCIe carries both directions at once; on one shared stream the
+    first prefetch of a backward would wait behind every device-to-host copy the forward left queued."""
+    key = (device, direction)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
+class _CopySources:
+    """Device tensors that a device-to-host copy still reads, each kept alive until its copy's event has
+    completed. ``record_stream`` would also keep the memory safe, but the caching allocator counts such a
+    block as freed while it cannot be reused, so peak-memory figures would leave out copies that fall
+    behind; holding the reference keeps them counted."""
+
+    def __init__(self):
+        self._pending: collections.deque = collections.deque()
+
+    def hold(self, tensor: torch.Tensor, done: torch.cuda.Event) -> None:
+        self.release_finished()
+        self._pending.append((tensor, done))
+
+    def release_finished(self) -> None:
+        while self._pending and self._pending[0][1].query():
+            self._pending.popleft()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+_COPYING = _CopySources()
 
 
 def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -204,6 +204,28 @@ def test_cuda_offload_memory_does_not_grow_with_depth():
     assert off_growth < 2 * hidden_bytes
 
 
+@pytest.mark.gpu
+def test_cuda_copy_source_stays_counted_until_its_copy_is_done_and_round_trips():
+    """The device tensor a host copy reads is held (and counted by the allocator) until that copy's event has
+    completed, then released; the prefetch on the other direction's stream waits for the host copy."""
+    from pronghorn.memory import offload
+
+    offload._COPYING.release_finished()
+    x = torch.randn(4096, 1024, device="cuda")
+    want = x.clone()
+    torch.cuda._sleep(50_000_000)  # the copy cannot finish before the checks below
+    record = offload.OffloadedActivation(x, link=False)
+    allocated = torch.cuda.memory_allocated()
+    del x
+    assert torch.cuda.memory_allocated() == allocated  # still held by the copy in flight
+    assert len(offload._COPYING) == 1
+    got = record.restore()  # prefetch on the to-device stream, ordered after the host copy
+    torch.cuda.synchronize()
+    offload._COPYING.release_finished()
+    assert len(offload._COPYING) == 0
+    assert torch.equal(got, want)
+
+
 def test_host_budget_keeps_layers_on_device_once_host_memory_is_spoken_for(monkeypatch):
     """Pinned layer inputs stop at the host budget (read once), and released inputs return their share."""
     from pronghorn.memory import offload
