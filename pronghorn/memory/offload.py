@@ -70,7 +70,7 @@ class OffloadedActivation:
         self._version = tensor._version
         self._restored: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
-        self.stash = None  # the layer's stashed activations (pronghorn.memory.stash), prefetched with it
+        self.stash = None  # the layer's stashed activations (pronghorn.memory.stash)
         self.previous = OffloadedActivation._last if link else None
         if link:
             OffloadedActivation._last = weakref.ref(self)
@@ -125,12 +125,15 @@ class OffloadedActivation:
         self._restored = out
 
     def prefetch_previous(self) -> None:
-        """Bring back the input (and stashed activations) of the layer that ran just before this one."""
+        """Bring back the input of the layer that ran just before this one, and have this layer's stash fetch
+        that layer's stash after its MLP backward (:meth:`LayerStash.after_backward`)."""
         prev = self.previous() if self.previous is not None else None
         if prev is not None and prev.device == self.device:
             prev.prefetch()
-            if prev.stash is not None:
-                prev.stash.prefetch()
+            if self.stash is None and prev.stash is not None:
+                prev.stash.prefetch()  # no MLP backward of this layer will ask for it
+            elif self.stash is not None:
+                self.stash.fetch_next = prev.stash
 
     def restore(self) -> torch.Tensor:
         """The saved tensor, on its original device, safe to use on the current stream."""
@@ -272,20 +275,29 @@ class _CopySources:
 
     def __init__(self):
         self._pending: collections.deque = collections.deque()
+        self.bytes = 0
 
     def hold(self, tensor: torch.Tensor, done: torch.cuda.Event) -> None:
         self.release_finished()
         self._pending.append((tensor, done))
+        self.bytes += tensor.numel() * tensor.element_size()
 
     def release_finished(self) -> None:
         while self._pending and self._pending[0][1].query():
-            self._pending.popleft()
+            tensor, _ = self._pending.popleft()
+            self.bytes -= tensor.numel() * tensor.element_size()
 
     def __len__(self) -> int:
         return len(self._pending)
 
 
 _COPYING = _CopySources()
+
+
+def copies_in_flight_bytes() -> int:
+    """Bytes of device tensors whose copy to the host has not finished yet."""
+    _COPYING.release_finished()
+    return _COPYING.bytes
 
 
 def _capture_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

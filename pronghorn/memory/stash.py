@@ -1,16 +1,20 @@
-"""Experimental: hand a checkpointed layer's MLP gate/up outputs from its forward to its backward recompute
-through pinned host memory, so the recompute skips their two GEMMs.
+"""Hand each checkpointed layer's MLP gate output from its forward to its backward recompute through pinned
+host memory, so the recompute skips the gate GEMM (and, for a 4-bit base, its dequantization).
 
-With offloaded checkpointing a decoder layer runs twice (forward, then again in backward); the gate and up
-GEMMs are about half of its matmul FLOPs. Their outputs (``2 x tokens x intermediate`` values, 235 MB for an
-8B Llama at 2 x 2048 tokens) can instead be copied to the host on the side stream in forward and brought
-back one layer ahead in backward, like the layer inputs of :mod:`pronghorn.memory.offload`. PCIe carries
-about 50 GB/s each way on an H100 host, so only the first layers of a forward can be stashed before their
-copies would delay backward: :func:`set_stashed_layers` (or ``PRONGHORN_STASH_MLP_LAYERS``) says how many;
-0, the default, turns it off. Not yet measured on a GPU: off by default until a benchmark shows the gain.
+With offloaded checkpointing a decoder layer runs twice (forward, then again in backward); the gate GEMM is
+about a quarter of its matmul FLOPs. Its output (``tokens x intermediate`` values, 117 MB for an 8B Llama at
+2 x 2048 tokens) is copied to the host on the device-to-host stream in forward and brought back in backward
+on the other direction's stream, like the layer inputs of :mod:`pronghorn.memory.offload`. Only the gate is
+parked, not gate and up: at ~50 GB/s each way, one output per layer keeps pace with the forward, and in
+backward it is fetched once the later layer's MLP backward has freed its own, so peak memory does not grow
+(both were measured: parking both raised peak memory by 0.2-0.7 GiB). Phi-3's fused ``gate_up`` output is
+one tensor and is parked whole.
 
-Stashed copies take pinned memory from the same budget as the layer inputs and are dropped (the recompute
-then computes them as usual) where the budget has no room; they never stay on the GPU.
+No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
+it would add parks nothing, and its recompute computes the gate as usual. Stashed copies take pinned memory
+from the same budget as the layer inputs and are likewise dropped where the budget has no room; they never
+stay on the GPU. :func:`set_stashed_layers` (or ``PRONGHORN_STASH_MLP_LAYERS``) limits how many layers (from
+the first) may park; 0 turns it off.
 """
 from __future__ import annotations
 
@@ -52,28 +56,41 @@ class LayerStash:
 
     def __init__(self):
         self._entries: dict[str, deque] = defaultdict(deque)
+        self.fetch_next: LayerStash | None = None  # the earlier layer's stash, fetched after this MLP backward
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:
-        from pronghorn.memory.offload import OffloadedActivation
+        """Park ``tensors[0]`` (the gate, or Phi-3's fused gate_up) where the copies keep pace and the host
+        budget has room; the rest are always recomputed."""
+        from pronghorn.memory.offload import OffloadedActivation, copies_in_flight_bytes
 
-        parked = [OffloadedActivation(t, link=False, keep_on_device=False) for t in tensors]
-        if not all(p.parked for p in parked):  # no room in the host budget: the recompute computes them
-            for p in parked:
-                p.discard()
-            parked = None
-        self._entries[name].append(parked)
+        first = tensors[0]
+        parked = None
+        if copies_in_flight_bytes() <= first.numel() * first.element_size():
+            parked = OffloadedActivation(first, link=False, keep_on_device=False)
+            if not parked.parked:  # no room in the host budget
+                parked.discard()
+                parked = None
+        self._entries[name].append(None if parked is None else [parked] + [None] * (len(tensors) - 1))
 
     def prefetch(self) -> None:
         for groups in self._entries.values():
             for parked in groups:
                 for p in parked or ():
-                    p.prefetch()
+                    if p is not None:
+                        p.prefetch()
 
-    def take(self, name: str) -> list[torch.Tensor] | None:
-        """The next group put under ``name``, back on its device; None if none is left or it was not parked."""
+    def after_backward(self) -> None:
+        """This layer's MLP backward is done, its gate/up memory about to be freed: start bringing back the
+        earlier layer's stash, which its recompute needs next."""
+        if self.fetch_next is not None:
+            self.fetch_next.prefetch()
+
+    def take(self, name: str) -> list[torch.Tensor | None] | None:
+        """The next group put under ``name``, back on its device (None for a tensor that was not parked); None
+        if none is left or nothing was parked."""
         groups = self._entries.get(name)
         parked = groups.popleft() if groups else None
-        return None if parked is None else [p.restore() for p in parked]
+        return None if parked is None else [None if p is None else p.restore() for p in parked]
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from . import cast_cache
 from .activation import check_activation, gated_backward_, gated_forward
 from .parts import as_parts
 from .projection import (
-    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs,
+    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs, project,
     unflat_parts,
 )
 
@@ -38,13 +38,14 @@ class LoraMLPFunction(torch.autograd.Function):
         in_parts, down = parts[:-1], parts[-1]
         dtype = compute_dtype(x)
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
-        if stash is not None and stash.outputs is not None:
-            # gate/up outputs from this layer's forward (pronghorn.memory.stash): only the small x A^T remain
-            outs, xas = stash.outputs, lora_inputs(x2, in_parts, dtype)
-        else:
-            outs, xas = forward_shared(x2, in_parts, dtype)
-            if stash is not None and stash.sink is not None:
-                stash.sink(outs)
+        xas = lora_inputs(x2, in_parts, dtype)
+        taken = stash.outputs if stash is not None and stash.outputs is not None else [None] * len(in_parts)
+        # Outputs taken from this layer's forward (pronghorn.memory.stash) are not computed again.
+        computed = iter(project(x2, [p for p, t in zip(in_parts, taken) if t is None],
+                                [xa for xa, t in zip(xas, taken) if t is None], dtype))
+        outs = [t if t is not None else next(computed) for t in taken]
+        if stash is not None and stash.sink is not None:
+            stash.sink(outs)
         g, u = _split(outs, fused_gate_up)
         h = gated_forward(g, u, activation)
         if output_unused:
@@ -60,6 +61,7 @@ class LoraMLPFunction(torch.autograd.Function):
         ctx.dtype, ctx.x_dtype, ctx.scales, ctx.activation = dtype, x.dtype, scales, activation
         ctx.fused, ctx.n_in, ctx.need_a, ctx.need_b, ctx.done = fused_gate_up, n_in, need_a, need_b, False
         ctx.weights = [p.weight for p in parts]
+        ctx.after_backward = stash.after_backward if stash is not None else None
         saved = [x2 if any(need_a[:n_in]) else None, *outs]
         saved += [xa if nb else None for xa, nb in zip(xas, need_b)]
         saved += [ha if need_b[-1] else None]
@@ -106,6 +108,8 @@ class LoraMLPFunction(torch.autograd.Function):
             if dx is not None:
                 dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
         grads = grads_out(parts, d_as + d_as_down, d_bs + d_bs_down)
+        if ctx.after_backward is not None:
+            ctx.after_backward()
         return (dx, None, None, None, None, None, *grads)
 
 
@@ -119,10 +123,12 @@ def _split(outs, fused):
 
 class GateUpStash(NamedTuple):
     """Gate/up outputs handed between a layer's forward and its backward recompute: ``sink`` receives them in
-    forward; ``outputs`` replaces computing them in the recompute (either may be None)."""
+    forward; ``outputs`` replaces computing them in the recompute, one entry per gate/up projection, None
+    for one to compute; ``after_backward`` is called when this MLP's backward is done (any may be None)."""
 
     outputs: list | None = None
     sink: Callable[[list], None] | None = None
+    after_backward: Callable[[], None] | None = None
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,

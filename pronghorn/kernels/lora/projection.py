@@ -60,7 +60,13 @@ def lora_inputs(x2: torch.Tensor, parts: list[LoraParts], dtype) -> list:
 
 def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[list, list]:
     """Outputs of projections sharing input ``x2`` [N, in], and each one's ``x A^T`` (None without LoRA)."""
-    xas, outs = lora_inputs(x2, parts, dtype), []
+    xas = lora_inputs(x2, parts, dtype)
+    return project(x2, parts, xas, dtype), xas
+
+
+def project(x2: torch.Tensor, parts: list[LoraParts], xas: list, dtype) -> list:
+    """Each projection's output ``x W^T + b + s (x A^T) B^T`` from its ``x A^T`` (see :func:`lora_inputs`)."""
+    outs = []
     for p, xa in zip(parts, xas):
         w = dense_weight(p.weight, dtype)
         y = F.linear(x2, w, cast_to(p.bias, dtype))
@@ -68,7 +74,7 @@ def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[lis
         if xa is not None:
             y.addmm_(xa, cast_cache.cast(p.B, dtype).t(), alpha=p.scale)
         outs.append(y)
-    return outs, xas
+    return outs
 
 
 def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
