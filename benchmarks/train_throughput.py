@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--attn", choices=["sdpa", "eager"],
                    help="attn_implementation for hf_peft/liger (default: the shape's; sdpa except Gemma-2)")
     p.add_argument("--stash-mlp-layers", type=int, default=0,
-                   help="pronghorn only, experimental: stash the MLP gate/up outputs of the first N checkpointed "
+                   help="pronghorn only, experimental: stash the MLP gate outputs of the first N checkpointed "
                         "layers in host memory so the backward recompute skips their GEMMs (0: off)")
     p.add_argument("--profile", metavar="PATH",
                    help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
@@ -236,6 +236,9 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     t0 = time.perf_counter()
     timer.mark()
     issue_s, counters, allocator_events = 0.0, _allocator_counters(device_type), []
+    stash = sys.modules.get("pronghorn.memory.stash")  # pronghorn's MLP stash: how many MLP calls it covered
+    if stash is not None:
+        stash.STATS.update(parked=0, skipped=0)
     for i in range(warmup, warmup + steps):
         t_issue = time.perf_counter()
         losses.append(step(batches[i]))
@@ -247,11 +250,13 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     _sync(device)
     elapsed = time.perf_counter() - t0
     gc_pauses = gc_pauses()
+    stash_calls = dict(stash.STATS) if stash is not None else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)
     # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
     out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, full_gc_pauses_s=gc_pauses, step_s=timer.step_seconds(),
-               allocator_events_per_step=allocator_events, losses=[x.item() for x in losses],
+               allocator_events_per_step=allocator_events, stash_calls_in_timed_steps=stash_calls,
+               losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype) for p in params}))
     if device_type == "cuda":

@@ -125,15 +125,12 @@ class OffloadedActivation:
         self._restored = out
 
     def prefetch_previous(self) -> None:
-        """Bring back the input of the layer that ran just before this one, and have this layer's stash fetch
-        that layer's stash after its MLP backward (:meth:`LayerStash.after_backward`)."""
+        """Bring back the input (and stashed activations) of the layer that ran just before this one."""
         prev = self.previous() if self.previous is not None else None
         if prev is not None and prev.device == self.device:
             prev.prefetch()
-            if self.stash is None and prev.stash is not None:
-                prev.stash.prefetch()  # no MLP backward of this layer will ask for it
-            elif self.stash is not None:
-                self.stash.fetch_next = prev.stash
+            if prev.stash is not None:
+                prev.stash.prefetch()
 
     def restore(self) -> torch.Tensor:
         """The saved tensor, on its original device, safe to use on the current stream."""

@@ -6,9 +6,9 @@ about a quarter of its matmul FLOPs. Its output (``tokens x intermediate`` value
 2 x 2048 tokens) is copied to the host on the device-to-host stream in forward and brought back in backward
 on the other direction's stream, like the layer inputs of :mod:`pronghorn.memory.offload`. Only the gate is
 parked, not gate and up: at ~50 GB/s each way, one output per layer keeps pace with the forward, and in
-backward it is fetched once the later layer's MLP backward has freed its own, so peak memory does not grow
-(both were measured: parking both raised peak memory by 0.2-0.7 GiB). Phi-3's fused ``gate_up`` output is
-one tensor and is parked whole.
+backward it is fetched one layer ahead with that layer's input, which keeps one gate output more on the GPU
+while a layer's backward runs (parking gate and up, as first tried, raised an 8B model's peak memory by
+0.2-0.7 GiB). Phi-3's fused ``gate_up`` output is one tensor and is parked whole.
 
 No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
 it would add parks nothing, and its recompute computes the gate as usual. Stashed copies take pinned memory
@@ -28,6 +28,9 @@ import torch
 __all__ = ["LayerStash", "active_stash", "begin_forward", "current_stash", "next_layer_stash", "set_stashed_layers"]
 
 _state = threading.local()
+# MLP calls whose gate was parked, and those that parked nothing (copies behind, or no host budget left);
+# read and reset by benchmarks to see how much of a step the stash covered.
+STATS = {"parked": 0, "skipped": 0}
 _config = {"layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0)}
 
 
@@ -56,7 +59,6 @@ class LayerStash:
 
     def __init__(self):
         self._entries: dict[str, deque] = defaultdict(deque)
-        self.fetch_next: LayerStash | None = None  # the earlier layer's stash, fetched after this MLP backward
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Park ``tensors[0]`` (the gate, or Phi-3's fused gate_up) where the copies keep pace and the host
@@ -70,6 +72,7 @@ class LayerStash:
             if not parked.parked:  # no room in the host budget
                 parked.discard()
                 parked = None
+        STATS["parked" if parked is not None else "skipped"] += 1
         self._entries[name].append(None if parked is None else [parked] + [None] * (len(tensors) - 1))
 
     def prefetch(self) -> None:
@@ -78,12 +81,6 @@ class LayerStash:
                 for p in parked or ():
                     if p is not None:
                         p.prefetch()
-
-    def after_backward(self) -> None:
-        """This layer's MLP backward is done, its gate/up memory about to be freed: start bringing back the
-        earlier layer's stash, which its recompute needs next."""
-        if self.fetch_next is not None:
-            self.fetch_next.prefetch()
 
     def take(self, name: str) -> list[torch.Tensor | None] | None:
         """The next group put under ``name``, back on its device (None for a tensor that was not parked); None

@@ -89,7 +89,7 @@ def _gate_up_stash(recompute: bool):
     if stash is None:
         return None
     if recompute:
-        return GateUpStash(outputs=stash.take("mlp"), after_backward=stash.after_backward)
+        return GateUpStash(outputs=stash.take("mlp"))
     return GateUpStash(sink=lambda outs: stash.put("mlp", outs))
 
 

@@ -101,14 +101,16 @@ def test_a_layer_parks_nothing_while_earlier_copies_are_still_on_their_way(monke
     assert stash.take("mlp") is not None
 
 
-def test_the_earlier_layers_stash_is_fetched_after_this_mlp_backward():
-    fetched = []
-    earlier, this = stash_module.LayerStash(), stash_module.LayerStash()
-    earlier.prefetch = lambda: fetched.append("earlier")
-    this.after_backward()  # nothing to fetch yet
-    this.fetch_next = earlier
-    this.after_backward()
-    assert fetched == ["earlier"]
+def test_parked_and_skipped_layers_are_counted(monkeypatch):
+    from pronghorn.memory import offload
+
+    monkeypatch.setitem(stash_module.STATS, "parked", 0)
+    monkeypatch.setitem(stash_module.STATS, "skipped", 0)
+    stash = stash_module.LayerStash()
+    stash.put("mlp", [torch.ones(4), torch.ones(4)])
+    monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: 10**9)
+    stash.put("mlp", [torch.ones(4), torch.ones(4)])
+    assert stash_module.STATS == {"parked": 1, "skipped": 1}
 
 
 def test_layer_count_must_not_be_negative():

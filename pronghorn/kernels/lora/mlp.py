@@ -61,7 +61,6 @@ class LoraMLPFunction(torch.autograd.Function):
         ctx.dtype, ctx.x_dtype, ctx.scales, ctx.activation = dtype, x.dtype, scales, activation
         ctx.fused, ctx.n_in, ctx.need_a, ctx.need_b, ctx.done = fused_gate_up, n_in, need_a, need_b, False
         ctx.weights = [p.weight for p in parts]
-        ctx.after_backward = stash.after_backward if stash is not None else None
         saved = [x2 if any(need_a[:n_in]) else None, *outs]
         saved += [xa if nb else None for xa, nb in zip(xas, need_b)]
         saved += [ha if need_b[-1] else None]
@@ -108,8 +107,6 @@ class LoraMLPFunction(torch.autograd.Function):
             if dx is not None:
                 dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
         grads = grads_out(parts, d_as + d_as_down, d_bs + d_bs_down)
-        if ctx.after_backward is not None:
-            ctx.after_backward()
         return (dx, None, None, None, None, None, *grads)
 
 
@@ -124,11 +121,10 @@ def _split(outs, fused):
 class GateUpStash(NamedTuple):
     """Gate/up outputs handed between a layer's forward and its backward recompute: ``sink`` receives them in
     forward; ``outputs`` replaces computing them in the recompute, one entry per gate/up projection, None
-    for one to compute; ``after_backward`` is called when this MLP's backward is done (any may be None)."""
+    for one to compute (either may be None)."""
 
     outputs: list | None = None
     sink: Callable[[list], None] | None = None
-    after_backward: Callable[[], None] | None = None
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
