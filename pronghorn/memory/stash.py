@@ -35,7 +35,7 @@ _config = {"layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0)
 
 
 def set_stashed_layers(n: int) -> None:
-    """Stash the MLP gate/up outputs of the first ``n`` checkpointed layers of every forward (0: off)."""
+    """Let the first ``n`` checkpointed layers of every forward stash their MLP gate output (0: off)."""
     if n < 0:
         raise ValueError(f"the number of stashed layers must be >= 0, got {n}")
     _config["layers"] = n
