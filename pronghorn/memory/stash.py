@@ -1,5 +1,7 @@
-"""Hand each checkpointed layer's MLP gate output from its forward to its backward recompute through pinned
-host memory, so the recompute skips the gate GEMM (and, for a 4-bit base, its dequantization).
+"""Experimental, off by default: hand each checkpointed layer's MLP gate output from its forward to its backward
+recompute through pinned host memory, so the recompute skips the gate GEMM (and, for a 4-bit base, its
+dequantization). Measured on an H100 with an 8B model (benchmarks/results/2026-11-22-llama-3.1-8b-stash.md): the
+GPU does 10% less work per step, but the step is no shorter, because compute then waits on the copies.
 
 With offloaded checkpointing a decoder layer runs twice (forward, then again in backward); the gate GEMM is
 about a quarter of its matmul FLOPs. Its output (``tokens x intermediate`` values, 117 MB for an 8B Llama at
