@@ -272,17 +272,18 @@ class _CopySources:
 
     def __init__(self):
         self._pending: collections.deque = collections.deque()
-        self.bytes = 0
 
     def hold(self, tensor: torch.Tensor, done: torch.cuda.Event) -> None:
         self.release_finished()
         self._pending.append((tensor, done))
-        self.bytes += tensor.numel() * tensor.element_size()
 
     def release_finished(self) -> None:
         while self._pending and self._pending[0][1].query():
-            tensor, _ = self._pending.popleft()
-            self.bytes -= tensor.numel() * tensor.element_size()
+            self._pending.popleft()
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t, _ in self._pending)
 
     def __len__(self) -> int:
         return len(self._pending)
