@@ -1,7 +1,11 @@
 """Fused LoRA gated MLP, ``y = down(act(gate(x)) * up(x))``, with a hand-written backward.
 
-Saved for backward: ``x`` (only if a gate/up ``A`` trains), the gate and up outputs ``g``/``u`` (or
-Phi-3's single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
+The gate/up GEMMs write only their base outputs ``g``/``u``; their LoRA terms ``s (x A^T) B^T`` stay
+factored and are added inside the activation kernels (:mod:`pronghorn.kernels.lora_gated`), which saves
+a read and a write of each ``[N, I]`` output per pass. Below, ``g``/``u`` are the corrected values.
+
+Saved for backward: ``x`` (only if a gate/up ``A`` trains), the base gate and up outputs (or Phi-3's
+single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
 saved: backward recomputes it from ``g``/``u`` (one elementwise pass) only where ``dA_down`` needs it.
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
 two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
@@ -21,7 +25,8 @@ from typing import NamedTuple
 import torch
 
 from . import cast_cache
-from .activation import check_activation, gated_backward_, gated_forward
+from ..lora_gated.reference import LowRank
+from .activation import NO_LOW_RANK, check_activation, gated_backward_, gated_forward
 from .parts import as_parts
 from .projection import (
     PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs, project,
@@ -41,13 +46,13 @@ class LoraMLPFunction(torch.autograd.Function):
         xas = lora_inputs(x2, in_parts, dtype)
         taken = stash.outputs if stash is not None and stash.outputs is not None else [None] * len(in_parts)
         # Outputs taken from this layer's forward (pronghorn.memory.stash) are not computed again.
-        computed = iter(project(x2, [p for p, t in zip(in_parts, taken) if t is None],
-                                [xa for xa, t in zip(xas, taken) if t is None], dtype))
+        to_compute = [p for p, t in zip(in_parts, taken) if t is None]
+        computed = iter(project(x2, to_compute, [None] * len(to_compute), dtype))  # base outputs only
         outs = [t if t is not None else next(computed) for t in taken]
         if stash is not None and stash.sink is not None:
             stash.sink(outs)
         g, u = _split(outs, fused_gate_up)
-        h = gated_forward(g, u, activation)
+        h = gated_forward(g, u, activation, _low_ranks(in_parts, xas, fused_gate_up, dtype))
         if output_unused:
             # A backward recompute: only down's backward inputs are needed, not the [N, hidden] output.
             y, ha = None, h @ cast_cache.cast(down.A, dtype).t() if down.A is not None else None
@@ -62,7 +67,7 @@ class LoraMLPFunction(torch.autograd.Function):
         ctx.fused, ctx.n_in, ctx.need_a, ctx.need_b, ctx.done = fused_gate_up, n_in, need_a, need_b, False
         ctx.weights = [p.weight for p in parts]
         saved = [x2 if any(need_a[:n_in]) else None, *outs]
-        saved += [xa if nb else None for xa, nb in zip(xas, need_b)]
+        saved += xas  # the activation adds the gate/up LoRA terms again in backward
         saved += [ha if need_b[-1] else None]
         saved += [t for p in parts for t in (p.A, p.B)]
         ctx.save_for_backward(*saved)
@@ -87,10 +92,11 @@ class LoraMLPFunction(torch.autograd.Function):
         need_a, need_b = ctx.need_a, ctx.need_b
         dy2 = cast_to(dy.reshape(-1, dy.shape[-1]), dtype)
         g, u = _split(outs, ctx.fused)
+        low = _low_ranks(in_parts, xas, ctx.fused, dtype)
 
         # down's LoRA grads first, with h recomputed and dropped before dh is allocated
         if need_a[-1] or need_b[-1]:
-            h = gated_forward(g, u, ctx.activation) if need_a[-1] else None
+            h = gated_forward(g, u, ctx.activation, low) if need_a[-1] else None
             _, d_as_down, d_bs_down = backward_shared(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]])
             del h
         else:
@@ -100,7 +106,7 @@ class LoraMLPFunction(torch.autograd.Function):
         dx, d_as, d_bs = None, [None] * n_in, [None] * n_in
         if need_in:
             dh, _, _ = backward_shared(None, [ha], [down], [dy2], dtype, True, [False], [False])
-            gated_backward_(dh, g, u, ctx.activation)  # g, u now hold dL/dg, dL/du
+            gated_backward_(dh, g, u, ctx.activation, low)  # g, u now hold dL/dg, dL/du
             del dh
             dx, d_as, d_bs = backward_shared(x2, xas, in_parts, outs, dtype, ctx.needs_input_grad[0],
                                              need_a[:-1], need_b[:-1])
@@ -116,6 +122,19 @@ def _split(outs, fused):
         half = gu.shape[-1] // 2
         return gu[:, :half], gu[:, half:]
     return outs[0], outs[1]
+
+
+def _low_ranks(in_parts, xas, fused, dtype) -> tuple[LowRank | None, LowRank | None]:
+    """The gate's and the up's LoRA terms, factored (None for a projection without an adapter)."""
+    if fused:
+        part, xa = in_parts[0], xas[0]
+        if xa is None:
+            return NO_LOW_RANK
+        b = cast_cache.cast(part.B, dtype)
+        half = b.shape[0] // 2
+        return LowRank(xa, b[:half], part.scale), LowRank(xa, b[half:], part.scale)
+    return tuple(None if xa is None else LowRank(xa, cast_cache.cast(p.B, dtype), p.scale)
+                 for p, xa in zip(in_parts, xas))
 
 
 class GateUpStash(NamedTuple):

@@ -1,0 +1,139 @@
+"""Triton kernels of the LoRA-corrected gated activation over [rows, cols] views with unit column stride.
+
+Each program owns a [ROWS, BLOCK] tile of ``g``/``u``; the LoRA term of the tile is one small
+``[ROWS, r] @ [r, BLOCK]`` ``tl.dot`` of ``xa`` rows and ``B`` rows, so the extra reads are
+``(ROWS + BLOCK) * r`` elements per tile (L2-resident: ``B`` is at most a few MB) against the
+``3 * ROWS * BLOCK`` the activation moves anyway. All math is fp32; results are rounded once.
+
+The dot runs in the inputs' 16-bit dtype with an fp32 accumulator. fp32 inputs, and every input
+under the CPU interpreter (whose bf16 ``tl.dot`` is wrong), are multiplied in IEEE fp32 instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pronghorn.kernels.backend import interpreter_on
+from pronghorn.kernels.geglu.triton import _gelu_and_grad
+from pronghorn.kernels.gated_launch import row_tile
+from pronghorn.kernels.lora_gated.reference import LowRank
+
+ACT_CODES = {"swiglu": 0, "geglu_tanh": 1, "geglu_exact": 2}
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    if ACT == 0:
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    return _gelu_and_grad(g, ACT == 1)
+
+
+@triton.jit
+def _plus_low_rank(t, xa_ptr, b_ptr, rows, cols, n_rows, n_cols, rank, xa_stride, b_stride, scale,
+                   R: tl.constexpr, IEEE: tl.constexpr):
+    """``t + scale * xa[rows] @ B[cols]^T`` for one tile (``R`` is the rank padded to a power of two >= 16)."""
+    k = tl.arange(0, R)
+    xa = tl.load(xa_ptr + rows * xa_stride + k[None, :], mask=(rows < n_rows) & (k[None, :] < rank), other=0.0)
+    bt = tl.load(b_ptr + cols * b_stride + k[:, None], mask=(cols < n_cols) & (k[:, None] < rank), other=0.0)
+    if IEEE:
+        low = tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+    else:
+        low = tl.dot(xa, bt)
+    return t + scale * low
+
+
+@triton.jit
+def _load_corrected(t_ptr, t_stride, xa_ptr, b_ptr, rows, cols, mask, n_rows, n_cols, rank, xa_stride,
+                    b_stride, scale, HAS_LOW: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr):
+    t = tl.load(t_ptr + rows * t_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LOW:
+        t = _plus_low_rank(t, xa_ptr, b_ptr, rows, cols, n_rows, n_cols, rank, xa_stride, b_stride, scale, R, IEEE)
+    return t
+
+
+@triton.jit
+def _lora_gated_fwd_kernel(
+    g_ptr, u_ptr, h_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, n_rows, n_cols, rank_g, rank_u,
+    g_stride, u_stride, h_stride, xg_stride, bg_stride, xu_stride, bu_stride, scale_g, scale_u,
+    ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
+    IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
+    g = _load_corrected(g_ptr, g_stride, xg_ptr, bg_ptr, rows, cols, mask, n_rows, n_cols, rank_g, xg_stride,
+                        bg_stride, scale_g, HAS_G, RG, IEEE)
+    u = _load_corrected(u_ptr, u_stride, xu_ptr, bu_ptr, rows, cols, mask, n_rows, n_cols, rank_u, xu_stride,
+                        bu_stride, scale_u, HAS_U, RU, IEEE)
+    act, _ = _act_and_grad(g, ACT)
+    tl.store(h_ptr + rows * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_gated_bwd_kernel(
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, n_rows, n_cols, rank_g, rank_u,
+    dh_stride, g_stride, u_stride, dg_stride, du_stride, xg_stride, bg_stride, xu_stride, bu_stride,
+    scale_g, scale_u, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
+    RU: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # dg/du may alias g/u (in-place backward): each element is read before it is written, by one program.
+    rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
+    dh = tl.load(dh_ptr + rows * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = _load_corrected(g_ptr, g_stride, xg_ptr, bg_ptr, rows, cols, mask, n_rows, n_cols, rank_g, xg_stride,
+                        bg_stride, scale_g, HAS_G, RG, IEEE)
+    u = _load_corrected(u_ptr, u_stride, xu_ptr, bu_ptr, rows, cols, mask, n_rows, n_cols, rank_u, xu_stride,
+                        bu_stride, scale_u, HAS_U, RU, IEEE)
+    act, grad = _act_and_grad(g, ACT)
+    tl.store(dg_ptr + rows * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + rows * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(n_rows: int, n_cols: int, on_gpu: bool, rank: int) -> dict:
+    # tl.dot needs every tile side >= 16. On the GPU, 64 x 128 tiles keep the dot's B reads small next to
+    # the tile's own traffic; the interpreter's cost is per program, so it gets the largest tiles.
+    if on_gpu:
+        rows, block = 64, (128 if rank <= 64 else 64)
+    else:
+        block = max(16, min(triton.next_power_of_2(max(n_cols, 1)), 256))
+        rows = max(16, min(triton.next_power_of_2(max(n_rows, 1)), 16384 // block))
+    return {"grid": (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block)), "ROWS": rows, "BLOCK": block,
+            "num_warps": 8 if on_gpu else 4}
+
+
+def _low_args(low: LowRank | None, like: torch.Tensor) -> tuple:
+    """Kernel arguments ``(xa, B, rank, xa_stride, b_stride, scale)`` and ``(HAS, R)`` for one side."""
+    if low is None:
+        return (like, like, 0, 0, 0, 0.0), (False, 16)
+    xa, b = low.xa, low.B
+    if xa.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("lora_gated: xa and B need unit column stride")
+    rank = xa.shape[1]
+    return (xa, b, rank, xa.stride(0), b.stride(0), float(low.scale)), (True, max(16, triton.next_power_of_2(rank)))
+
+
+def _launch(kernel, tensors: tuple, strides: tuple, g, low_g, low_u, activation) -> None:
+    n_rows, n_cols = g.shape
+    (xg, bg, rank_g, xg_s, bg_s, sg), (has_g, rg) = _low_args(low_g, g)
+    (xu, bu, rank_u, xu_s, bu_s, su), (has_u, ru) = _low_args(low_u, g)
+    ieee = g.dtype == torch.float32 or interpreter_on()
+    cfg = _tile(n_rows, n_cols, g.is_cuda, max(rg, ru))
+    kernel[cfg["grid"]](*tensors, xg, bg, xu, bu, n_rows, n_cols, rank_g, rank_u, *strides, xg_s, bg_s, xu_s, bu_s,
+                        sg, su, ACT=ACT_CODES[activation], HAS_G=has_g, HAS_U=has_u, RG=rg, RU=ru, IEEE=ieee,
+                        ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+
+
+def lora_gated_forward(g: torch.Tensor, u: torch.Tensor, low_g: LowRank | None, low_u: LowRank | None,
+                       activation: str) -> torch.Tensor:
+    """``act(g + low_g) * (u + low_u)`` for 2-D ``g``/``u`` (unit column stride); a new contiguous ``h``."""
+    h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if h.numel():
+        _launch(_lora_gated_fwd_kernel, (g, u, h), (g.stride(0), u.stride(0), h.stride(0)), g, low_g, low_u,
+                activation)
+    return h
+
+
+def lora_gated_backward(dh, g, u, dg, du, low_g: LowRank | None, low_u: LowRank | None, activation: str) -> None:
+    """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``)."""
+    if g.numel():
+        _launch(_lora_gated_bwd_kernel, (dh, g, u, dg, du),
+                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, low_g, low_u, activation)
