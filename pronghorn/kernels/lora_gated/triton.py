@@ -100,6 +100,12 @@ def _tile(n_rows: int, n_cols: int, on_gpu: bool, rank: int) -> dict:
             "num_warps": 8 if on_gpu else 4}
 
 
+def _fixed_tile(n_rows: int, n_cols: int, rows: int, block: int, num_warps: int) -> dict:
+    """A given (ROWS, BLOCK, num_warps), for benchmarks that compare tile shapes."""
+    return {"grid": (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block)), "ROWS": rows, "BLOCK": block,
+            "num_warps": num_warps}
+
+
 def _low_args(low: LowRank | None, like: torch.Tensor) -> tuple:
     """Kernel arguments ``(xa, B, rank, xa_stride, b_stride, scale)`` and ``(HAS, R)`` for one side."""
     if low is None:
@@ -111,29 +117,31 @@ def _low_args(low: LowRank | None, like: torch.Tensor) -> tuple:
     return (xa, b, rank, xa.stride(0), b.stride(0), float(low.scale)), (True, max(16, triton.next_power_of_2(rank)))
 
 
-def _launch(kernel, tensors: tuple, strides: tuple, g, low_g, low_u, activation) -> None:
+def _launch(kernel, tensors: tuple, strides: tuple, g, low_g, low_u, activation, tile=None) -> None:
     n_rows, n_cols = g.shape
     (xg, bg, rank_g, xg_s, bg_s, sg), (has_g, rg) = _low_args(low_g, g)
     (xu, bu, rank_u, xu_s, bu_s, su), (has_u, ru) = _low_args(low_u, g)
     ieee = g.dtype == torch.float32 or interpreter_on()
-    cfg = _tile(n_rows, n_cols, g.is_cuda, max(rg, ru))
+    cfg = _tile(n_rows, n_cols, g.is_cuda, max(rg, ru)) if tile is None else _fixed_tile(n_rows, n_cols, *tile)
     kernel[cfg["grid"]](*tensors, xg, bg, xu, bu, n_rows, n_cols, rank_g, rank_u, *strides, xg_s, bg_s, xu_s, bu_s,
                         sg, su, ACT=ACT_CODES[activation], HAS_G=has_g, HAS_U=has_u, RG=rg, RU=ru, IEEE=ieee,
                         ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
 
 
 def lora_gated_forward(g: torch.Tensor, u: torch.Tensor, low_g: LowRank | None, low_u: LowRank | None,
-                       activation: str) -> torch.Tensor:
+                       activation: str, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``act(g + low_g) * (u + low_u)`` for 2-D ``g``/``u`` (unit column stride); a new contiguous ``h``."""
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if h.numel():
         _launch(_lora_gated_fwd_kernel, (g, u, h), (g.stride(0), u.stride(0), h.stride(0)), g, low_g, low_u,
-                activation)
+                activation, tile)
     return h
 
 
-def lora_gated_backward(dh, g, u, dg, du, low_g: LowRank | None, low_u: LowRank | None, activation: str) -> None:
+def lora_gated_backward(dh, g, u, dg, du, low_g: LowRank | None, low_u: LowRank | None, activation: str,
+                        tile: tuple[int, int, int] | None = None) -> None:
     """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``)."""
     if g.numel():
         _launch(_lora_gated_bwd_kernel, (dh, g, u, dg, du),
-                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, low_g, low_u, activation)
+                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, low_g, low_u, activation,
+                tile)
