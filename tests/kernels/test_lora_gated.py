@@ -107,3 +107,16 @@ def test_large_shape_on_gpu(dtype):
     lora_gated_backward(dh, g, u, g, u, low_g, low_u, "swiglu")
     assert_close(g, want[0].to(dtype), dtype)
     assert_close(u, want[1].to(dtype), dtype)
+
+
+def test_programs_walking_several_row_tiles_cover_ragged_edges():
+    # The GPU tiles have each program walk ITERS row tiles with one B tile; 70 rows and 50 columns leave
+    # partial tiles in both directions.
+    g, u, dh, low_g, low_u = _case(70, 50, 8, torch.float32, seed=5)
+    tile = (16, 32, 4, 3)
+    assert_close(lora_gated_forward(g, u, low_g, low_u, "swiglu", tile),
+                 lora_gated_reference(g, u, low_g, low_u, "swiglu"))
+    want = _autograd_reference(g, u, dh, low_g, low_u, "swiglu")
+    lora_gated_backward(dh, g, u, g, u, low_g, low_u, "swiglu", tile)
+    assert_close(g, want[0])
+    assert_close(u, want[1])
