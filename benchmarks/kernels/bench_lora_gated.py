@@ -23,7 +23,7 @@ from pronghorn.kernels.lora_gated import LowRank  # noqa: E402
 from pronghorn.kernels.lora_gated.triton import lora_gated_backward, lora_gated_forward  # noqa: E402
 from pronghorn.kernels.swiglu.triton import swiglu_backward, swiglu_forward  # noqa: E402
 
-TILES = [None, (32, 128, 4, 1), (16, 128, 4, 1), (32, 128, 4, 2), (32, 128, 4, 8), (16, 128, 4, 8), (64, 128, 4, 4), (32, 256, 8, 4), (16, 256, 4, 4), (32, 64, 4, 4)]
+TILES = [None, (32, 128, 4), (16, 256, 4), (32, 64, 4), (64, 128, 4), (16, 64, 2)]
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     dg, du = torch.empty_like(g), torch.empty_like(g)
     add("swiglu alone (no LoRA)", "backward", lambda: swiglu_backward(dh, g, u, dg, du), 5)
     for tile in TILES:
-        name = "lora_gated " + ("default" if tile is None else "%dx%d/%dw x%d" % tile)
+        name = "lora_gated " + ("default" if tile is None else "%dx%d/%dw" % tile)
         if device.type == "cpu" and tile is not None:
             continue
         add(name, "forward", lambda tile=tile: lora_gated_forward(g, u, *low, "swiglu", tile), 3)

@@ -63,21 +63,17 @@ def _lora_gated_fwd_kernel(
     g_ptr, u_ptr, h_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, n_rows, n_cols, rank_g, rank_u,
     g_stride, u_stride, h_stride, xg_stride, bg_stride, xu_stride, bu_stride, scale_g, scale_u,
     ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
-    IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
     bt_g = _factor_b(bg_ptr, cols, n_cols, rank_g, bg_stride, HAS_G, RG, IEEE)
     bt_u = _factor_b(bu_ptr, cols, n_cols, rank_u, bu_stride, HAS_U, RU, IEEE)
-    first = tl.program_id(0).to(tl.int64) * (ROWS * ITERS)
-    for i in range(ITERS):
-        rows = (first + i * ROWS + tl.arange(0, ROWS))[:, None]
-        mask = (rows < n_rows) & (cols < n_cols)
-        g = _load_corrected(g_ptr, g_stride, xg_ptr, bt_g, rows, cols, mask, n_rows, rank_g, xg_stride, scale_g,
-                            HAS_G, RG, IEEE)
-        u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
-                            HAS_U, RU, IEEE)
-        act, _ = _act_and_grad(g, ACT)
-        tl.store(h_ptr + rows * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
+    g = _load_corrected(g_ptr, g_stride, xg_ptr, bt_g, rows, cols, mask, n_rows, rank_g, xg_stride, scale_g,
+                        HAS_G, RG, IEEE)
+    u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
+                        HAS_U, RU, IEEE)
+    act, _ = _act_and_grad(g, ACT)
+    tl.store(h_ptr + rows * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,38 +81,34 @@ def _lora_gated_bwd_kernel(
     dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, n_rows, n_cols, rank_g, rank_u,
     dh_stride, g_stride, u_stride, dg_stride, du_stride, xg_stride, bg_stride, xu_stride, bu_stride,
     scale_g, scale_u, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
-    RU: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    RU: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dg/du may alias g/u (in-place backward): each element is read before it is written, by one program.
-    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
     bt_g = _factor_b(bg_ptr, cols, n_cols, rank_g, bg_stride, HAS_G, RG, IEEE)
     bt_u = _factor_b(bu_ptr, cols, n_cols, rank_u, bu_stride, HAS_U, RU, IEEE)
-    first = tl.program_id(0).to(tl.int64) * (ROWS * ITERS)
-    for i in range(ITERS):
-        rows = (first + i * ROWS + tl.arange(0, ROWS))[:, None]
-        mask = (rows < n_rows) & (cols < n_cols)
-        dh = tl.load(dh_ptr + rows * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        g = _load_corrected(g_ptr, g_stride, xg_ptr, bt_g, rows, cols, mask, n_rows, rank_g, xg_stride, scale_g,
-                            HAS_G, RG, IEEE)
-        u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
-                            HAS_U, RU, IEEE)
-        act, grad = _act_and_grad(g, ACT)
-        tl.store(dg_ptr + rows * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
-        tl.store(du_ptr + rows * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
+    dh = tl.load(dh_ptr + rows * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    g = _load_corrected(g_ptr, g_stride, xg_ptr, bt_g, rows, cols, mask, n_rows, rank_g, xg_stride, scale_g,
+                        HAS_G, RG, IEEE)
+    u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
+                        HAS_U, RU, IEEE)
+    act, grad = _act_and_grad(g, ACT)
+    tl.store(dg_ptr + rows * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + rows * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-# (ROWS, BLOCK, num_warps, ITERS) on the GPU, picked with benchmarks/kernels/bench_lora_gated.py on an H100
-# at the Llama-3.1-8B MLP shape (r=32): each program keeps its B tile and walks ITERS row tiles, so B is
-# read from L2 once per ROWS * ITERS rows instead of once per tile.
-GPU_TILES = {"forward": (32, 128, 4, 4), "backward": (16, 128, 4, 4)}
+# (ROWS, BLOCK, num_warps) on the GPU, picked with benchmarks/kernels/bench_lora_gated.py on an H100 at the
+# Llama-3.1-8B MLP shape (r=32): 16 x 128 tiles were fastest both ways; longer tiles, or programs that keep
+# their B tile over several row tiles, were slower.
+GPU_TILE = (16, 128, 4)
 
 
-def _tile(n_rows: int, n_cols: int, on_gpu: bool, pass_: str) -> tuple[int, int, int, int]:
+def _tile(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
     # tl.dot needs every tile side >= 16. The interpreter's cost is per program, so it gets large tiles.
     if on_gpu:
-        return GPU_TILES[pass_]
+        return GPU_TILE
     block = max(16, min(triton.next_power_of_2(max(n_cols, 1)), 256))
-    return max(16, min(triton.next_power_of_2(max(n_rows, 1)), 16384 // block)), block, 4, 1
+    return max(16, min(triton.next_power_of_2(max(n_rows, 1)), 16384 // block)), block, 4
 
 
 def _low_args(low: LowRank | None, like: torch.Tensor) -> tuple:
@@ -135,28 +127,28 @@ def _launch(kernel, tensors: tuple, strides: tuple, g, low_g, low_u, activation,
     (xg, bg, rank_g, xg_s, bg_s, sg), (has_g, rg) = _low_args(low_g, g)
     (xu, bu, rank_u, xu_s, bu_s, su), (has_u, ru) = _low_args(low_u, g)
     ieee = g.dtype == torch.float32 or interpreter_on()
-    rows, block, warps, iters = tile
-    grid = (triton.cdiv(n_rows, rows * iters), triton.cdiv(n_cols, block))
+    rows, block, warps = tile
+    grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
     kernel[grid](*tensors, xg, bg, xu, bu, n_rows, n_cols, rank_g, rank_u, *strides, xg_s, bg_s, xu_s, bu_s, sg, su,
                  ACT=ACT_CODES[activation], HAS_G=has_g, HAS_U=has_u, RG=rg, RU=ru, IEEE=ieee, ROWS=rows,
-                 BLOCK=block, ITERS=iters, num_warps=warps)
+                 BLOCK=block, num_warps=warps)
 
 
 def lora_gated_forward(g: torch.Tensor, u: torch.Tensor, low_g: LowRank | None, low_u: LowRank | None,
-                       activation: str, tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                       activation: str, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``act(g + low_g) * (u + low_u)`` for 2-D ``g``/``u`` (unit column stride); a new contiguous ``h``.
-    ``tile`` (ROWS, BLOCK, num_warps, ITERS) overrides the default, for benchmarks."""
+    ``tile`` (ROWS, BLOCK, num_warps) overrides the default, for benchmarks."""
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if h.numel():
         _launch(_lora_gated_fwd_kernel, (g, u, h), (g.stride(0), u.stride(0), h.stride(0)), g, low_g, low_u,
-                activation, tile or _tile(*g.shape, g.is_cuda, "forward"))
+                activation, tile or _tile(*g.shape, g.is_cuda))
     return h
 
 
 def lora_gated_backward(dh, g, u, dg, du, low_g: LowRank | None, low_u: LowRank | None, activation: str,
-                        tile: tuple[int, int, int, int] | None = None) -> None:
+                        tile: tuple[int, int, int] | None = None) -> None:
     """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``)."""
     if g.numel():
         _launch(_lora_gated_bwd_kernel, (dh, g, u, dg, du),
                 (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, low_g, low_u, activation,
-                tile or _tile(*g.shape, g.is_cuda, "backward"))
+                tile or _tile(*g.shape, g.is_cuda))
