@@ -169,6 +169,22 @@ def test_gpu_matches_bitsandbytes(shape, nested, dtype):
     assert math.prod(shape) == expected.numel()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("nested", [False, True])
+def test_gpu_relaunches_through_the_compiled_launcher_bit_exactly(nested):
+    # The first call goes through Triton's JIT, later ones through the kept launcher (compiled_launch.py).
+    packed, state = _quantize((1023, 4097), 64, nested, torch.bfloat16, device="cuda")
+    expected = bnb_f.dequantize_4bit(packed, state)
+    outs = [dequantize_nf4(packed, state) for _ in range(3)]
+    launch = state._pronghorn_nf4_plan.launches[torch.bfloat16]
+    assert launch.runner is not None and not launch.jit_only
+    for out in outs:
+        assert torch.equal(out, expected)
+    other = dequantize_nf4(packed, state, torch.float32)  # another output dtype: its own compiled kernel
+    assert torch.equal(other, dequantize_nf4_reference(packed, state, torch.float32))
+
+
 def test_cached_launch_plan_follows_a_moved_state():
     """The Triton path keeps a per-weight launch plan; a state whose tensors are replaced gets a new one."""
     packed, state = _quantize((32, 64), 64, False, torch.float32, seed=3)

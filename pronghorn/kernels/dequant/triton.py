@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..compiled_launch import CompiledLaunch
+
 
 @triton.jit
 def round_fp32_to_bf16_grid(x):
@@ -78,6 +80,7 @@ class _LaunchPlan(NamedTuple):
     block: int
     grid: tuple
     int64: bool
+    launches: dict  # output dtype -> CompiledLaunch: only the freshly allocated output changes between calls
 
 
 def _plan_key(packed: torch.Tensor, quant_state) -> tuple:
@@ -103,7 +106,7 @@ def _make_plan(packed: torch.Tensor, quant_state, key: tuple) -> _LaunchPlan:
     block = _block_for(max(numel, 1))
     return _LaunchPlan(key, tuple(quant_state.shape), numel, packed_u8, absmax, absmax2, code2, offset,
                        int(quant_state.blocksize), blocksize2, bool(quant_state.nested), block,
-                       (triton.cdiv(numel, block),), numel >= 2**31)
+                       (triton.cdiv(numel, block),), numel >= 2**31, {})
 
 
 def launch_plan(packed: torch.Tensor, quant_state, validate=None) -> _LaunchPlan:
@@ -133,9 +136,12 @@ def dequantize_nf4_triton(plan: _LaunchPlan, table: torch.Tensor, dtype: torch.d
     out = torch.empty(plan.shape, dtype=dtype, device=plan.packed_u8.device)
     if plan.numel == 0:
         return out
-    _nf4_dequant_kernel[plan.grid](
-        plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel,
-        BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested,
-        BLOCK=plan.block, INT64=plan.int64, num_warps=4, enable_fp_fusion=False,
-    )
+    launch = plan.launches.get(dtype)
+    if launch is None:
+        launch = plan.launches[dtype] = CompiledLaunch(
+            _nf4_dequant_kernel, plan.grid,
+            dict(BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=plan.block,
+                 INT64=plan.int64),
+            num_warps=4, enable_fp_fusion=False)
+    launch(plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel)
     return out
