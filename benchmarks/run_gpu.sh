@@ -13,7 +13,9 @@
 #   --shape NAME            llama-3.1-8b | qwen3-8b | gemma-2-9b | tiny | tiny-qwen3 | tiny-gemma2 (required)
 #   --modes LIST            comma-separated bf16,qlora [bf16,qlora]
 #   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger];
-#                           pronghorn+stashN adds the experimental MLP stash over the first N layers
+#                           suffixes: +stashN the experimental MLP stash over the first N layers (pronghorn),
+#                           +residual0 recompute o_proj instead of parking the residual (pronghorn),
+#                           +pageable unpinned input batches (any config), e.g. pronghorn+residual0+pageable
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -86,8 +88,17 @@ for mode in "${MODE_LIST[@]}"; do
     for gc in "${variants[@]}"; do
       name="$config-$mode"
       case $config in unsloth|pronghorn*) [ "$gc" = unsloth ] || name="$name-gc$gc" ;; esac
-      per_run=()  # per-run options; pronghorn+stashN: the experimental MLP stash over the first N layers
-      if [[ $config == pronghorn+stash* ]]; then per_run=(--stash-mlp-layers "${config#pronghorn+stash}"); fi
+      per_run=()  # per-run options from the config's +suffixes (see --configs)
+      IFS=+ read -ra suffixes <<< "${config#*+}"
+      [[ $config == *+* ]] || suffixes=()
+      for suffix in ${suffixes[@]+"${suffixes[@]}"}; do
+        case $suffix in
+          stash*) per_run+=(--stash-mlp-layers "${suffix#stash}") ;;
+          residual0) per_run+=(--stash-residual 0) ;;
+          pageable) per_run+=(--batches pageable) ;;
+          *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
+        esac
+      done
       if [ "$PROFILE" = 1 ]; then per_run+=(--profile "$RES/$name.prof.txt"); fi
       left=$(( BUDGET - $(elapsed) - 15 ))
       limit=$(( TIMEOUT < left ? TIMEOUT : left ))

@@ -57,6 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--stash-mlp-layers", type=int, default=0,
                    help="pronghorn only, experimental: stash the MLP gate outputs of the first N checkpointed "
                         "layers in host memory so the backward recompute skips their GEMMs (0: off)")
+    p.add_argument("--stash-residual", type=int, choices=[0, 1], default=1,
+                   help="pronghorn only: park each checkpointed layer's post-attention residual in host memory so "
+                        "the backward recompute skips o_proj (1, the library default) or recompute it (0)")
+    p.add_argument("--batches", choices=["pinned", "pageable"], default="pinned",
+                   help="host memory of the input batches: pinned, as a DataLoader with pin_memory=True (the "
+                        "Trainer's default) gives them, so their non-blocking copy does not wait for the GPU; "
+                        "pageable makes every step's input copy wait for the previous step to finish")
     p.add_argument("--profile", metavar="PATH",
                    help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
     p.add_argument("--no-autocast", dest="autocast", action="store_false",
@@ -128,9 +135,10 @@ def load_unsloth(args, shape, model_dir, seq_len):
 def load_pronghorn(args, shape, model_dir, seq_len):
     """pronghorn's Unsloth-compatible FastLanguageModel."""
     from pronghorn import FastLanguageModel
-    from pronghorn.memory.stash import set_stashed_layers
+    from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
     set_stashed_layers(getattr(args, "stash_mlp_layers", 0))
+    set_residual_stash(bool(getattr(args, "stash_residual", 1)))
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
 
 
@@ -236,9 +244,9 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     t0 = time.perf_counter()
     timer.mark()
     issue_s, counters, allocator_events = 0.0, _allocator_counters(device_type), []
-    stash = sys.modules.get("pronghorn.memory.stash")  # pronghorn's MLP stash: how many MLP calls it covered
+    stash = sys.modules.get("pronghorn.memory.stash")  # pronghorn's stash: how many layer calls it covered
     if stash is not None:
-        stash.STATS.update(parked=0, skipped=0)
+        stash.STATS.clear()
     for i in range(warmup, warmup + steps):
         t_issue = time.perf_counter()
         losses.append(step(batches[i]))
@@ -250,7 +258,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     _sync(device)
     elapsed = time.perf_counter() - t0
     gc_pauses = gc_pauses()
-    stash_calls = dict(stash.STATS) if stash is not None else None
+    stash_calls = {name: dict(counts) for name, counts in stash.STATS.items()} if stash is not None else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)
     # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
@@ -284,6 +292,8 @@ def run(args) -> dict:
                   gradient_checkpointing=("non-reentrant" if args.config in ("hf_peft", "liger") else args.gc),
                   attn_implementation=(args.attn if args.config in ("hf_peft", "liger") else "library default"),
                   stash_mlp_layers=args.stash_mlp_layers if args.config == "pronghorn" else None,
+                  stash_residual=bool(args.stash_residual) if args.config == "pronghorn" else None,
+                  batches=args.batches,
                   autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
                   warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
                   target_modules=common.TARGET_MODULES, status="started", date=common.now_utc(),
@@ -310,6 +320,8 @@ def run(args) -> dict:
         common.write_json(args.out, record)
 
         batches = make_batches(shape.config["vocab_size"], args.warmup + args.steps, batch_size, seq_len)
+        if args.batches == "pinned" and args.device.startswith("cuda"):
+            batches = batches.pin_memory()
 
         def on_warmed(warm):
             record.update(status="warmed", **warm)

@@ -1,22 +1,26 @@
-"""Experimental, off by default: hand each checkpointed layer's MLP gate output from its forward to its backward
-recompute through pinned host memory, so the recompute skips the gate GEMM (and, for a 4-bit base, its
-dequantization). Measured on an H100 with an 8B model (benchmarks/results/2026-11-22-llama-3.1-8b-stash.md): the
-GPU does 10% less work per step, but the step is no shorter, because compute then waits on the copies.
+"""Hand activations of a checkpointed layer from its forward to its backward recompute through pinned host
+memory, so the recompute skips the GEMMs that produced them (and, for a 4-bit base, their dequantization).
 
-With offloaded checkpointing a decoder layer runs twice (forward, then again in backward); the gate GEMM is
-about a quarter of its matmul FLOPs. Its output (``tokens x intermediate`` values, 117 MB for an 8B Llama at
-2 x 2048 tokens) is copied to the host on the device-to-host stream in forward and brought back in backward
-on the other direction's stream, like the layer inputs of :mod:`pronghorn.memory.offload`. Only the gate is
-parked, not gate and up: at ~50 GB/s each way, one output per layer keeps pace with the forward, and in
-backward it is fetched one layer ahead with that layer's input, which keeps one gate output more on the GPU
-while a layer's backward runs (parking gate and up, as first tried, raised an 8B model's peak memory by
-0.2-0.7 GiB). Phi-3's fused ``gate_up`` output is one tensor and is parked whole.
+With offloaded checkpointing (:mod:`pronghorn.memory.offload`) a decoder layer runs twice: forward, then again
+inside backward. Two activations can be parked on the device-to-host stream in forward and brought back on the
+other direction's stream in backward, one layer ahead, like the layer inputs themselves:
+
+- ``"residual"`` (on by default): the residual stream after attention, ``h1 = x + o_proj(attn)``, the input of
+  the post-attention norm. Where the attention output goes straight into that residual add (every supported
+  family but Gemma 2/3), the recompute then skips the o_proj GEMM: its backward needs only o_proj's input and
+  ``x A^T``, and the norm reads the parked ``h1`` (bit-identical to the value forward computed) while
+  gradients still flow through the recomputed ``x + o`` graph. ``tokens x hidden`` values, 32 MB per layer of
+  an 8B Llama at 2 x 2048 tokens: with the layer input, 64 MB per layer each way, well within PCIe's pace.
+- ``"mlp"`` (experimental, off): the MLP gate output (117 MB per layer, or Phi-3's fused ``gate_up``), so the
+  recompute skips the gate GEMM. Measured on an H100 with an 8B model
+  (benchmarks/results/2026-11-22-llama-3.1-8b-stash.md): the GPU does 10% less work per step, but the step is
+  no shorter, because compute then waits on the copies. :func:`set_stashed_layers` (or
+  ``PRONGHORN_STASH_MLP_LAYERS``) lets the first ``n`` layers park it.
 
 No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
-it would add parks nothing, and its recompute computes the gate as usual. Stashed copies take pinned memory
-from the same budget as the layer inputs and are likewise dropped where the budget has no room; they never
-stay on the GPU. :func:`set_stashed_layers` (or ``PRONGHORN_STASH_MLP_LAYERS``) limits how many layers (from
-the first) may park; 0 turns it off.
+it would add parks nothing, and its recompute computes as usual. Parked copies take pinned memory from the same
+budget as the layer inputs and are likewise dropped where the budget has no room; they never stay on the GPU.
+:func:`set_residual_stash` (or ``PRONGHORN_STASH_RESIDUAL=0``) turns the residual off.
 """
 from __future__ import annotations
 
@@ -27,13 +31,19 @@ from collections import defaultdict, deque
 
 import torch
 
-__all__ = ["LayerStash", "active_stash", "begin_forward", "current_stash", "next_layer_stash", "set_stashed_layers"]
+__all__ = [
+    "LayerStash", "active_stash", "begin_forward", "current_stash", "next_layer_stash", "set_residual_stash",
+    "set_stashed_layers",
+]
 
 _state = threading.local()
-# MLP calls whose gate was parked, and those that parked nothing (copies behind, or no host budget left);
+# Per name, puts that parked their tensor and puts that parked nothing (copies behind, or no host budget left);
 # read and reset by benchmarks to see how much of a step the stash covered.
-STATS = {"parked": 0, "skipped": 0}
-_config = {"layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0)}
+STATS: dict[str, dict[str, int]] = defaultdict(lambda: {"parked": 0, "skipped": 0})
+_config = {
+    "layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0),
+    "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "1").strip().lower() not in ("0", "false", "off", "no"),
+}
 
 
 def set_stashed_layers(n: int) -> None:
@@ -43,28 +53,35 @@ def set_stashed_layers(n: int) -> None:
     _config["layers"] = n
 
 
+def set_residual_stash(on: bool) -> None:
+    """Park (True, the default) or recompute (False) each checkpointed layer's post-attention residual."""
+    _config["residual"] = bool(on)
+
+
 def begin_forward() -> None:
     """A model forward starts: layer counting restarts (called by pronghorn's top-level forward)."""
     _state.layers_seen = 0
 
 
 def next_layer_stash() -> LayerStash | None:
-    """A stash for the checkpointed layer about to run, or None when its position is past the stashed ones."""
+    """A stash for the checkpointed layer about to run, or None when it parks nothing."""
     seen = getattr(_state, "layers_seen", 0)
     _state.layers_seen = seen + 1
-    return LayerStash() if seen < _config["layers"] else None
+    mlp = seen < _config["layers"]
+    return LayerStash(mlp=mlp, residual=_config["residual"]) if mlp or _config["residual"] else None
 
 
 class LayerStash:
     """Named groups of tensors parked in host memory between a layer's forward and its recompute. A name may
     be put several times (the tiled MLP runs once per sequence tile); takes return them in the same order."""
 
-    def __init__(self):
+    def __init__(self, mlp: bool = True, residual: bool = True):
+        self.mlp, self.residual = mlp, residual  # which of the two activations this layer may park
         self._entries: dict[str, deque] = defaultdict(deque)
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:
-        """Park ``tensors[0]`` (the gate, or Phi-3's fused gate_up) where the copies keep pace and the host
-        budget has room; the rest are always recomputed."""
+        """Park ``tensors[0]`` (the gate, Phi-3's fused gate_up, or the residual) where the copies keep pace and
+        the host budget has room; the rest are always recomputed."""
         from pronghorn.memory.offload import OffloadedActivation, copies_in_flight_bytes
 
         first = tensors[0]
@@ -74,7 +91,7 @@ class LayerStash:
             if not parked.parked:  # no room in the host budget
                 parked.discard()
                 parked = None
-        STATS["parked" if parked is not None else "skipped"] += 1
+        STATS[name]["parked" if parked is not None else "skipped"] += 1
         self._entries[name].append(None if parked is None else [parked] + [None] * (len(tensors) - 1))
 
     def prefetch(self) -> None:
@@ -83,6 +100,11 @@ class LayerStash:
                 for p in parked or ():
                     if p is not None:
                         p.prefetch()
+
+    def has(self, name: str) -> bool:
+        """Whether the next :meth:`take` of ``name`` returns a parked tensor (decided before taking it)."""
+        groups = self._entries.get(name)
+        return bool(groups) and groups[0] is not None
 
     def take(self, name: str) -> list[torch.Tensor | None] | None:
         """The next group put under ``name``, back on its device (None for a tensor that was not parked); None

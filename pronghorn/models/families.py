@@ -28,6 +28,10 @@ class FamilySpec:
     # The MLP output goes straight into the residual add (no post-MLP norm, unlike Gemma 2/3), so a
     # backward recompute may skip computing it (see pronghorn.memory.recompute).
     mlp_output_to_residual: bool = True
+    # Likewise the attention output (no post-attention norm before the add, unlike Gemma 2/3): the recompute may
+    # skip o_proj and take the sum, the input of this norm, from pronghorn.memory.stash.
+    attn_output_to_residual: bool = True
+    residual_norm: str = "post_attention_layernorm"
 
     @property
     def gated_activation(self) -> str:
@@ -42,10 +46,12 @@ GEMMA = FamilySpec("gemma", ("gemma",), norm_offset=1.0, norm_cast="gemma", acti
                    embedding_scale=True)
 GEMMA2 = FamilySpec("gemma2", ("gemma2",), norm_offset=1.0, norm_cast="gemma", activation="geglu_tanh",
                     embedding_scale=True, final_softcap_attr="final_logit_softcapping",
-                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True, mlp_output_to_residual=False)
+                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True, mlp_output_to_residual=False,
+                    attn_output_to_residual=False)
 GEMMA3 = FamilySpec("gemma3", ("gemma3_text",), norm_offset=1.0, norm_cast="gemma", activation="geglu_tanh",
                     qk_norm=True, embedding_scale=True, final_softcap_attr="final_logit_softcapping",
-                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True, mlp_output_to_residual=False)
+                    attn_softcap_attr="attn_logit_softcapping", sliding_window=True, mlp_output_to_residual=False,
+                    attn_output_to_residual=False)
 PHI3 = FamilySpec("phi3", ("phi3",), fused_qkv=True, fused_gate_up=True, sliding_window=True,
                   partial_rotary=True)
 

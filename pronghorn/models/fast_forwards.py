@@ -22,6 +22,24 @@ def rms_norm_forward(self, hidden_states, *, spec: FamilySpec):
     return fused_rms_norm(self, hidden_states, offset=spec.norm_offset, cast_mode=spec.norm_cast)
 
 
+def residual_norm_forward(self, hidden_states, *, spec: FamilySpec):
+    """The norm after attention (``spec.residual_norm``); its input is the residual sum ``x + o_proj(attn)``.
+
+    A checkpointed layer's forward parks that sum (:mod:`pronghorn.memory.stash`); its recompute, which skipped
+    o_proj (see :func:`attention_forward`), reads it back here instead of the placeholder sum.
+    """
+    from pronghorn.memory.recompute import in_backward_recompute, with_value
+    from pronghorn.memory.stash import current_stash
+
+    stash = current_stash()
+    if stash is not None and stash.residual:
+        if not in_backward_recompute():
+            stash.put("residual", [hidden_states])
+        elif stash.has("residual"):
+            hidden_states = with_value(hidden_states, stash.take("residual")[0])
+    return rms_norm_forward(self, hidden_states, spec=spec)
+
+
 # ------------------------------------------------------------------------------------------ attention
 
 
@@ -59,7 +77,19 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         scaling=self.scaling, **extra, **kwargs,
     )
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return fused_o_forward(self, attn_output), attn_weights
+    return fused_o_forward(self, attn_output, output_unused=_residual_parked(spec)), attn_weights
+
+
+def _residual_parked(spec: FamilySpec) -> bool:
+    """In a backward recompute, whether the layer's post-attention residual waits in its stash (the norm after
+    attention will read it, so o_proj's output is never read)."""
+    from pronghorn.memory.recompute import in_backward_recompute
+    from pronghorn.memory.stash import current_stash
+
+    if not (spec.attn_output_to_residual and in_backward_recompute()):
+        return False
+    stash = current_stash()
+    return stash is not None and stash.residual and stash.has("residual")
 
 
 # ------------------------------------------------------------------------------------------------ MLP
@@ -86,7 +116,7 @@ def _gate_up_stash(recompute: bool):
     from pronghorn.memory.stash import current_stash
 
     stash = current_stash()
-    if stash is None:
+    if stash is None or not stash.mlp:
         return None
     if recompute:
         return GateUpStash(outputs=stash.take("mlp"))

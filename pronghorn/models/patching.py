@@ -77,7 +77,9 @@ def patch_model(model: nn.Module) -> PatchRecord:
         for name, module in _language_model(model).named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if _is_rms_norm(module):
-                _bind(record, module, "norm", ff.rms_norm_forward, spec=spec)
+                residual = spec.attn_output_to_residual and leaf == spec.residual_norm
+                _bind(record, module, "norm", ff.residual_norm_forward if residual else ff.rms_norm_forward,
+                      spec=spec)
             elif leaf == "self_attn" and hasattr(module, "head_dim"):
                 _bind(record, module, "attention", ff.attention_forward, spec=spec)
             elif leaf == "mlp" and (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):

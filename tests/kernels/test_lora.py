@@ -405,3 +405,29 @@ def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up):
     assert y_skip.shape == y_full.shape and not y_skip.any()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_o_projection_output_unused_skips_the_gemm_and_keeps_the_gradients():
+    """lora_o in backward-recompute mode: zeros of the output's shape (in != out features), no base GEMM, and the
+    normal path's gradients for x, A and B."""
+    from pronghorn.kernels.lora import lora_o
+
+    g = torch.Generator().manual_seed(5)
+    A = nn.Parameter(torch.randn(3, 20, generator=g) * 0.2)
+    B = nn.Parameter(torch.randn(12, 3, generator=g) * 0.2)
+    o = LoraParts(torch.randn(12, 20, generator=g) * 0.2, A, B, 2.0)
+    x = torch.randn(2, 5, 20, generator=g).transpose(0, 1)  # non-contiguous
+    dy = torch.randn(5, 2, 12, generator=g)
+
+    def grads(output_unused):
+        A.grad = B.grad = None
+        xi = x.clone().requires_grad_()
+        y = lora_o(xi, o, output_unused=output_unused)
+        y.backward(dy)
+        return y.detach(), [xi.grad, A.grad.clone(), B.grad.clone()]
+
+    y_full, want = grads(False)
+    y_skip, got = grads(True)
+    assert y_skip.shape == y_full.shape == (5, 2, 12) and not y_skip.any()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -101,16 +101,28 @@ def test_a_layer_parks_nothing_while_earlier_copies_are_still_on_their_way(monke
     assert stash.take("mlp") is not None
 
 
-def test_parked_and_skipped_layers_are_counted(monkeypatch):
+def test_parked_and_skipped_layers_are_counted_per_name(monkeypatch):
     from pronghorn.memory import offload
 
-    monkeypatch.setitem(stash_module.STATS, "parked", 0)
-    monkeypatch.setitem(stash_module.STATS, "skipped", 0)
+    monkeypatch.setattr(stash_module, "STATS", stash_module.defaultdict(lambda: {"parked": 0, "skipped": 0}))
     stash = stash_module.LayerStash()
     stash.put("mlp", [torch.ones(4), torch.ones(4)])
+    stash.put("residual", [torch.ones(4)])
     monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: 10**9)
     stash.put("mlp", [torch.ones(4), torch.ones(4)])
-    assert stash_module.STATS == {"parked": 1, "skipped": 1}
+    assert stash_module.STATS == {"mlp": {"parked": 1, "skipped": 1}, "residual": {"parked": 1, "skipped": 0}}
+
+
+def test_has_tells_whether_the_next_take_returns_a_tensor(monkeypatch):
+    from pronghorn.memory import offload
+
+    stash = stash_module.LayerStash()
+    assert not stash.has("residual")
+    stash.put("residual", [torch.ones(4)])
+    monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: 10**9)
+    stash.put("residual", [torch.ones(4)])  # copies behind: parks nothing
+    assert stash.has("residual") and stash.take("residual") is not None
+    assert not stash.has("residual") and stash.take("residual") is None
 
 
 def test_layer_count_must_not_be_negative():
@@ -119,8 +131,9 @@ def test_layer_count_must_not_be_negative():
 
 
 @pytest.mark.gpu
-def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, tmp_path):
-    """On CUDA the stash goes through pinned host memory on the side stream and back."""
+def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, residual_stash, tmp_path):
+    """On CUDA the stash goes through pinned host memory on the side stream and back: MLP gates and residuals
+    parked, or neither, give the same gradients."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.factories import save_tiny
@@ -128,8 +141,9 @@ def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, t
     path = save_tiny("llama", tmp_path / "llama", num_hidden_layers=3)
     ids = torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     grads = []
-    for layers in (0, 2):
+    for layers, residual in ((0, False), (2, True)):
         stashed_layers(layers)
+        residual_stash(residual)
         model = _load(path, True, "unsloth").cuda()
         model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -137,3 +151,67 @@ def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, t
         loss.backward()
         grads.append(trainable_grads(model))
     assert_grads_close(grads[1], grads[0], atol=0, rtol=0)  # the same values, fetched instead of recomputed
+
+
+@pytest.fixture
+def residual_stash():
+    yield stash_module.set_residual_stash
+    stash_module.set_residual_stash(True)
+
+
+@pytest.mark.parametrize("family,skips", [("llama", True), ("qwen3", True), ("phi3", True), ("gemma", True),
+                                          ("gemma2", False)])
+def test_recompute_skips_o_proj_and_reads_the_parked_residual(family, skips, residual_stash, tmp_path, monkeypatch):
+    """With offloaded checkpointing each layer parks its post-attention residual; the recompute then runs no o_proj
+    GEMM (except Gemma 2, whose attention output passes a norm before the add) and the gradients are those of the
+    unpatched model, and bit for bit those of the recompute that computes o_proj."""
+    from pronghorn.kernels.lora import function
+    from tests.factories import save_tiny
+
+    layers = 3
+    path = save_tiny(family, tmp_path / family, num_hidden_layers=layers)
+    ids = torch.randint(5, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    reference = _load(path, False, False)
+    reference.train()
+    reference(input_ids=ids, labels=ids).loss.backward()
+
+    o_outputs = []  # o_proj outputs computed (forward_shared also serves q/k/v and the MLP's down)
+    forward_shared = function.forward_shared
+
+    def counting(x2, parts, dtype):
+        if len(parts) == 1 and parts[0].weight.shape[0] == parts[0].weight.shape[1] == x2.shape[1]:
+            o_outputs.append(1)
+        return forward_shared(x2, parts, dtype)
+
+    monkeypatch.setattr(function, "forward_shared", counting)
+    grads = {}
+    for on in (True, False):
+        residual_stash(on)
+        model = _load(path, True, "unsloth")
+        model.train()
+        stash_module.STATS.clear()
+        o_outputs.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[on] = trainable_grads(model)
+        expected = layers if on and skips else 2 * layers  # forward, plus the recompute unless it skipped
+        assert len(o_outputs) == expected, (on, o_outputs)
+        assert stash_module.STATS["residual"]["parked"] == (layers if on and skips else 0)
+    assert_grads_close(grads[True], trainable_grads(reference), atol=1e-5, rtol=1e-4)
+    assert_grads_close(grads[True], grads[False], atol=0, rtol=0)
+
+
+def test_with_value_forwards_the_value_and_backpropagates_into_the_graph():
+    from pronghorn.memory.recompute import with_value
+
+    a = torch.randn(3, 4, requires_grad=True)
+    graph = a * 0  # a placeholder built from a
+    value = torch.randn(3, 4)
+    out = with_value(graph, value)
+    assert torch.equal(out, value)
+    (out * 2).sum().backward()
+    assert torch.equal(a.grad, torch.zeros(3, 4))  # d(a*0)/da = 0: the gradient went through graph, not value
+    b = torch.randn(3, 4, requires_grad=True)
+    with_value(b + 0, value).sum().backward()
+    assert torch.equal(b.grad, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="shape"):
+        with_value(graph, torch.randn(4, 3))

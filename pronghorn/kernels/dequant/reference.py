@@ -56,8 +56,9 @@ def check_quant_state(packed: torch.Tensor, quant_state) -> int:
         raise ValueError(f"dequantize_nf4 handles quant_type 'nf4' only, got {got!r}; "
                          "use bitsandbytes.functional.dequantize_4bit for fp4")
     blocksize = int(quant_state.blocksize)
-    if blocksize <= 0 or blocksize & (blocksize - 1):
-        raise ValueError(f"NF4 blocksize must be a power of two, got {blocksize}")
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"NF4 blocksize must be a power of two of at least 2 (bitsandbytes uses 32 to 4096), "
+                         f"got {blocksize}")
     numel = math.prod(quant_state.shape)
     nbytes = packed.numel() * packed.element_size()
     if nbytes != (numel + 1) // 2:

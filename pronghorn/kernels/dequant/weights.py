@@ -30,6 +30,12 @@ def _int8_scales(weight):
     return scb if scb is not None and weight.dtype == torch.int8 else None
 
 
+def weight_rows(weight: torch.Tensor) -> int:
+    """Output features of a base weight ``[out, in]`` without dequantizing it (4-bit storage is packed)."""
+    state = _four_bit_state(weight)
+    return state.shape[0] if state is not None else weight.shape[0]
+
+
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a dense ``dtype`` tensor, dequantizing bitsandbytes 4-bit or int8 storage.
 

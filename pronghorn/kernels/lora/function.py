@@ -8,20 +8,30 @@ import torch
 
 from .parts import LoraParts, as_parts
 from .projection import (
-    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, unflat_parts,
+    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs,
+    out_features, unflat_parts,
 )
 
 
 class LoraSharedInputFunction(torch.autograd.Function):
-    """Any number of LoRA projections of one input (o_proj alone; q, k, v together). See module docstring."""
+    """Any number of LoRA projections of one input (o_proj alone; q, k, v together). See module docstring.
+
+    ``output_unused``: a backward recompute that reads no output value (see :mod:`pronghorn.memory.recompute`);
+    only ``x A^T`` is computed, and the outputs are zeros that take no memory.
+    """
 
     @staticmethod
-    def forward(ctx, x, scales, *flat):
+    def forward(ctx, x, scales, output_unused, *flat):
         parts = unflat_parts(flat, scales)
         dtype = compute_dtype(x)
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
-        outs, xas = forward_shared(x2, parts, dtype)
-        needs = ctx.needs_input_grad[2:]
+        if output_unused:
+            xas = lora_inputs(x2, parts, dtype)
+            zero = x2.new_zeros((), dtype=dtype)
+            outs = [zero.expand(x2.shape[0], out_features(p)) for p in parts]
+        else:
+            outs, xas = forward_shared(x2, parts, dtype)
+        needs = ctx.needs_input_grad[3:]
         need_a = [needs[i * PER_PROJ + 1] for i in range(len(parts))]
         need_b = [needs[i * PER_PROJ + 2] for i in range(len(parts))]
         ctx.dtype, ctx.x_dtype, ctx.scales, ctx.n = dtype, x.dtype, scales, len(parts)
@@ -44,15 +54,16 @@ class LoraSharedInputFunction(torch.autograd.Function):
         dx, d_as, d_bs = backward_shared(x2, xas, parts, dys2, dtype, ctx.needs_input_grad[0], ctx.need_a, ctx.need_b)
         if dx is not None:
             dx = cast_to(dx, ctx.x_dtype).view(*dys[0].shape[:-1], dx.shape[-1])
-        return (dx, None, *grads_out(parts, d_as, d_bs))
+        return (dx, None, None, *grads_out(parts, d_as, d_bs))
 
 
-def _apply_shared(x, parts):
+def _apply_shared(x, parts, output_unused=False):
     parts = [as_parts(p) for p in parts]
     for p in parts:
         if p.A is not None and p.A.shape[1] != x.shape[-1]:
             raise ValueError(f"LoRA A is {tuple(p.A.shape)} but the input has {x.shape[-1]} features")
-    return LoraSharedInputFunction.apply(x, tuple(float(p.scale) for p in parts), *flat_parts(parts))
+    return LoraSharedInputFunction.apply(x, tuple(float(p.scale) for p in parts), bool(output_unused),
+                                         *flat_parts(parts))
 
 
 def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
@@ -70,9 +81,13 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor | None = None,
     return _apply_shared(x, [LoraParts(W, A, B, scale, bias)])[0]
 
 
-def lora_o(x: torch.Tensor, o) -> torch.Tensor:
-    """The attention output projection: :func:`lora_linear` with ``o`` given as LoraParts (or a tuple)."""
-    return _apply_shared(x, [o])[0]
+def lora_o(x: torch.Tensor, o, output_unused: bool = False) -> torch.Tensor:
+    """The attention output projection: :func:`lora_linear` with ``o`` given as LoraParts (or a tuple).
+
+    ``output_unused``: the caller only backpropagates through the result (a backward recompute); the base
+    GEMM is skipped and zeros are returned (see :class:`LoraSharedInputFunction`).
+    """
+    return _apply_shared(x, [o], output_unused)[0]
 
 
 def lora_qkv(x: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
