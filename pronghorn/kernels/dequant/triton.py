@@ -1,12 +1,12 @@
-"""Triton NF4 dequantization: one program reads BLOCK packed bytes and writes the 2 * BLOCK elements they hold.
+"""Triton NF4 dequantization: one program writes BLOCK consecutive output elements.
 
-Each byte is loaded once (a contiguous, vectorized read); its two nibbles are looked up in the 16-entry NF4
-table and multiplied by their block's scale in float32, and the two results are interleaved (high nibble first)
-into one contiguous store. Reading bytes rather than elements matters: element-wise loads of ``packed[e // 2]``
-could not be vectorized and left the kernel at ~60% of the GPU's bandwidth. Double-quantized scales are decoded
-inline (code2 lookup times second-level absmax plus offset) so the whole dequantization is a single launch. The
-kernel is compiled without fp fusion: bitsandbytes computes ``code2 * absmax2`` and ``+ offset`` as separate
-float32 ops, and an FMA would change the last bit.
+Each element loads its packed byte (neighbours share a byte, served from cache), picks its nibble,
+looks it up in the 16-entry NF4 table and multiplies by its block's scale in float32. (A variant that loads
+each byte once and interleaves its two nibbles' results was 13-27% slower on an H100:
+benchmarks/results/kernels/bench_dequant.md.) Double-quantized
+scales are decoded inline (code2 lookup times second-level absmax plus offset) so the whole
+dequantization is a single launch. The kernel is compiled without fp fusion: bitsandbytes computes
+``code2 * absmax2`` and ``+ offset`` as separate float32 ops, and an FMA would change the last bit.
 """
 from __future__ import annotations
 
@@ -33,16 +33,6 @@ def round_fp32_to_bf16_grid(x):
 
 
 @triton.jit
-def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, BLOCKSIZE2: tl.constexpr,
-               NESTED: tl.constexpr):
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
-        return scale + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
@@ -51,24 +41,28 @@ def _nf4_dequant_kernel(
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    b = pid * BLOCK + tl.arange(0, BLOCK)  # byte b holds elements 2b (high nibble) and 2b + 1 (low nibble)
-    in_bytes = b < (n + 1) // 2
-    byte = tl.load(packed_ptr + b, mask=in_bytes, other=0).to(tl.int32)
-    # BLOCKSIZE is even, so both elements of a byte share one scale.
-    scale = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (2 * b) // BLOCKSIZE, in_bytes,
-                       BLOCKSIZE2, NESTED)
-    hi = tl.load(table_ptr + (byte >> 4)) * scale
-    lo = tl.load(table_ptr + (byte & 0xF)) * scale
-    res = tl.interleave(hi, lo)
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = e < n
+    byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+    # even elements live in the high nibble, odd ones in the low nibble
+    nib = (byte >> ((1 - (e % 2)) * 4)) & 0xF
+    val = tl.load(table_ptr + nib)
+    blk = e // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0).to(tl.float32)
+    res = val * scale
     if out_ptr.dtype.element_ty == tl.bfloat16:
         res = round_fp32_to_bf16_grid(res)
-    e = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + e, res.to(out_ptr.dtype.element_ty), mask=e < n)
+    tl.store(out_ptr + e, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_for(numel: int) -> int:
-    # 1024 packed bytes (2048 elements) per program keeps loads and stores wide on GPU; tiny weights use less.
-    return max(16, min(1024, triton.next_power_of_2((numel + 1) // 2)))
+    # 1024 elements (512 packed bytes) per program keeps loads wide on GPU; tiny weights use less.
+    return max(16, min(1024, triton.next_power_of_2(numel)))
 
 
 class _LaunchPlan(NamedTuple):
@@ -114,7 +108,7 @@ def _make_plan(packed: torch.Tensor, quant_state, key: tuple) -> _LaunchPlan:
     block = _block_for(max(numel, 1))
     return _LaunchPlan(key, tuple(quant_state.shape), numel, packed_u8, absmax, absmax2, code2, offset,
                        int(quant_state.blocksize), blocksize2, bool(quant_state.nested), block,
-                       (triton.cdiv((numel + 1) // 2, block),), numel >= 2**31, {})
+                       (triton.cdiv(numel, block),), numel >= 2**31, {})
 
 
 def launch_plan(packed: torch.Tensor, quant_state, validate=None) -> _LaunchPlan:
