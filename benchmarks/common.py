@@ -459,14 +459,34 @@ def device_timeline(kernels: list[tuple[int, int, str, int]], top: int = 15) -> 
             cur_end, cur_name = end, name
     window = cur_end - kernels[0][0]
     gaps.sort(reverse=True)
+    main = max(per_stream, key=per_stream.get)
+    main_gaps, waiting_on_copies = _main_stream_gaps(kernels, main)
     return {
         "window_ms": window / 1e6,
         "busy_ms": busy / 1e6,
         "busy_fraction": busy / window,
-        "main_stream_busy_ms": max(per_stream.values()) / 1e6,
+        "main_stream_busy_ms": per_stream[main] / 1e6,
         "idle_ms_in_gaps_over_100us": sum(g for g, _, _ in gaps if g > 100_000) / 1e6,
+        # Main (compute) stream idle while a side stream ran: compute waiting on copies, or overlap that hid them.
+        "main_stream_idle_ms": (window - per_stream[main]) / 1e6,
+        "main_stream_idle_while_side_streams_ran_ms": waiting_on_copies / 1e6,
         "gaps": [{"ms": g / 1e6, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]],
+        "main_stream_gaps": [{"ms": g / 1e6, "after": a[:80], "before": b[:80]} for g, a, b in main_gaps[:top]],
     }
+
+
+def _main_stream_gaps(kernels: list[tuple[int, int, str, int]], main: int) -> tuple[list, int]:
+    """Gaps between consecutive activities of stream ``main`` (largest first), and how much of them other
+    streams filled."""
+    own = [k for k in kernels if k[3] == main]
+    others = [(s, e) for s, e, _, stream in kernels if stream != main]
+    gaps, covered = [], 0
+    for (_, end, name, _), (start, _, next_name, _) in zip(own, own[1:]):
+        if start > end:
+            gaps.append((start - end, name, next_name))
+            covered += sum(max(0, min(e, start) - max(s, end)) for s, e in others if s < start and e > end)
+    gaps.sort(reverse=True)
+    return gaps, covered
 
 
 def device_name(device: str | None = None) -> str:

@@ -33,3 +33,18 @@ def test_a_kernel_inside_a_longer_one_does_not_end_the_busy_interval():
 
 def test_empty_window():
     assert device_timeline([])["busy_fraction"] == 0.0
+
+
+def test_main_stream_gaps_say_how_much_a_side_stream_filled():
+    kernels = [
+        (0, 4 * MS, "gemm", 7),
+        (3 * MS, 6 * MS, "copy", 20),  # runs on while the main stream waits from 4 to 6 ms
+        (6 * MS, 7 * MS, "norm", 7),
+        (9 * MS, 10 * MS, "rope", 7),  # 2 ms with nothing running at all
+    ]
+    t = device_timeline(kernels)
+    assert t["main_stream_busy_ms"] == pytest.approx(6.0)
+    assert t["main_stream_idle_ms"] == pytest.approx(4.0)
+    assert t["main_stream_idle_while_side_streams_ran_ms"] == pytest.approx(2.0)
+    assert [g["ms"] for g in t["main_stream_gaps"]] == [pytest.approx(2.0), pytest.approx(2.0)]
+    assert t["main_stream_gaps"][0]["after"] in ("gemm", "norm")
