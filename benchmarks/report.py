@@ -31,8 +31,8 @@ def label(rec: dict) -> str:
         name += " (no autocast)"
     if rec.get("stash_mlp_layers"):
         name += f" (stash {rec['stash_mlp_layers']})"
-    if rec.get("stash_residual") is False:
-        name += " (residual recomputed)"
+    if rec.get("stash_residual"):
+        name += " (residual stash)"
     if rec.get("batches") == "pageable":
         name += " (pageable batches)"
     return name

@@ -14,8 +14,8 @@
 #   --modes LIST            comma-separated bf16,qlora [bf16,qlora]
 #   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger];
 #                           suffixes: +stashN the experimental MLP stash over the first N layers (pronghorn),
-#                           +residual0 recompute o_proj instead of parking the residual (pronghorn),
-#                           +pageable unpinned input batches (any config), e.g. pronghorn+residual0+pageable
+#                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
+#                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -94,7 +94,7 @@ for mode in "${MODE_LIST[@]}"; do
       for suffix in ${suffixes[@]+"${suffixes[@]}"}; do
         case $suffix in
           stash*) per_run+=(--stash-mlp-layers "${suffix#stash}") ;;
-          residual0) per_run+=(--stash-residual 0) ;;
+          residual) per_run+=(--stash-residual 1) ;;
           pageable) per_run+=(--batches pageable) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac

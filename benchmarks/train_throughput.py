@@ -57,9 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--stash-mlp-layers", type=int, default=0,
                    help="pronghorn only, experimental: stash the MLP gate outputs of the first N checkpointed "
                         "layers in host memory so the backward recompute skips their GEMMs (0: off)")
-    p.add_argument("--stash-residual", type=int, choices=[0, 1], default=1,
-                   help="pronghorn only: park each checkpointed layer's post-attention residual in host memory so "
-                        "the backward recompute skips o_proj (1, the library default) or recompute it (0)")
+    p.add_argument("--stash-residual", type=int, choices=[0, 1], default=0,
+                   help="pronghorn only, experimental: park each checkpointed layer's post-attention residual in "
+                        "host memory so the backward recompute skips o_proj (1) or recompute it (0, the default)")
     p.add_argument("--batches", choices=["pinned", "pageable"], default="pinned",
                    help="host memory of the input batches: pinned, as a DataLoader with pin_memory=True (the "
                         "Trainer's default) gives them, so their non-blocking copy does not wait for the GPU; "

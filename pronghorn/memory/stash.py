@@ -5,12 +5,15 @@ With offloaded checkpointing (:mod:`pronghorn.memory.offload`) a decoder layer r
 inside backward. Two activations can be parked on the device-to-host stream in forward and brought back on the
 other direction's stream in backward, one layer ahead, like the layer inputs themselves:
 
-- ``"residual"`` (on by default): the residual stream after attention, ``h1 = x + o_proj(attn)``, the input of
+- ``"residual"`` (experimental, off): the residual stream after attention, ``h1 = x + o_proj(attn)``, the input of
   the post-attention norm. Where the attention output goes straight into that residual add (every supported
   family but Gemma 2/3), the recompute then skips the o_proj GEMM: its backward needs only o_proj's input and
   ``x A^T``, and the norm reads the parked ``h1`` (bit-identical to the value forward computed) while
   gradients still flow through the recomputed ``x + o`` graph. ``tokens x hidden`` values, 32 MB per layer of
-  an 8B Llama at 2 x 2048 tokens: with the layer input, 64 MB per layer each way, well within PCIe's pace.
+  an 8B Llama at 2 x 2048 tokens. Measured on an H100 (benchmarks/results/2026-11-22-llama-3.1-8b-residual-stash.md):
+  no faster in bf16 and slower in QLoRA, because the step is bound by the host, not the GPU, and the compute
+  stream then also waits on copies (its idle time while copies ran: 89 vs 28 ms over two steps).
+  :func:`set_residual_stash` (or ``PRONGHORN_STASH_RESIDUAL=1``) turns it on.
 - ``"mlp"`` (experimental, off): the MLP gate output (117 MB per layer, or Phi-3's fused ``gate_up``), so the
   recompute skips the gate GEMM. Measured on an H100 with an 8B model
   (benchmarks/results/2026-11-22-llama-3.1-8b-stash.md): the GPU does 10% less work per step, but the step is
@@ -20,7 +23,6 @@ other direction's stream in backward, one layer ahead, like the layer inputs the
 No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
 it would add parks nothing, and its recompute computes as usual. Parked copies take pinned memory from the same
 budget as the layer inputs and are likewise dropped where the budget has no room; they never stay on the GPU.
-:func:`set_residual_stash` (or ``PRONGHORN_STASH_RESIDUAL=0``) turns the residual off.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ _state = threading.local()
 STATS: dict[str, dict[str, int]] = defaultdict(lambda: {"parked": 0, "skipped": 0})
 _config = {
     "layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0),
-    "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "1").strip().lower() not in ("0", "false", "off", "no"),
+    "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "0").strip().lower() in ("1", "true", "on", "yes"),
 }
 
 
@@ -54,7 +56,7 @@ def set_stashed_layers(n: int) -> None:
 
 
 def set_residual_stash(on: bool) -> None:
-    """Park (True, the default) or recompute (False) each checkpointed layer's post-attention residual."""
+    """Park (True) or recompute (False, the default) each checkpointed layer's post-attention residual."""
     _config["residual"] = bool(on)
 
 

@@ -156,13 +156,14 @@ def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, r
 @pytest.fixture
 def residual_stash():
     yield stash_module.set_residual_stash
-    stash_module.set_residual_stash(True)
+    stash_module.set_residual_stash(False)
 
 
 @pytest.mark.parametrize("family,skips", [("llama", True), ("qwen3", True), ("phi3", True), ("gemma", True),
                                           ("gemma2", False)])
 def test_recompute_skips_o_proj_and_reads_the_parked_residual(family, skips, residual_stash, tmp_path, monkeypatch):
-    """With offloaded checkpointing each layer parks its post-attention residual; the recompute then runs no o_proj
+    """With the residual stash on, each offloaded-checkpointed layer parks its post-attention residual; the recompute
+    then runs no o_proj
     GEMM (except Gemma 2, whose attention output passes a norm before the add) and the gradients are those of the
     unpatched model, and bit for bit those of the recompute that computes o_proj."""
     from pronghorn.kernels.lora import function
