@@ -143,6 +143,30 @@ def test_out_of_range_label_is_an_error():
         fused_linear_cross_entropy(hidden, weight, labels)
 
 
+@pytest.mark.gpu
+def test_cuda_label_check_waits_only_in_the_first_calls_then_raises_at_the_next_call(monkeypatch):
+    """After the first SYNC_CHECKS calls the range check is queued behind the step (no host sync) and the next
+    call raises for it, naming the call whose labels were bad."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from pronghorn.kernels.cross_entropy import label_check
+
+    monkeypatch.setattr(label_check, "check_label_range", label_check.LabelRangeCheck())
+    monkeypatch.setattr("pronghorn.kernels.cross_entropy.function.check_label_range",
+                        label_check.check_label_range)
+    hidden, weight, _, labels = (t.cuda() for t in _inputs(4, 8, 131, torch.float32))
+    for _ in range(label_check.SYNC_CHECKS):
+        fused_linear_cross_entropy(hidden, weight, labels)
+    bad = labels.clone()
+    bad[1] = 200
+    fused_linear_cross_entropy(hidden, weight, bad)  # queued: no exception yet
+    torch.cuda.synchronize()
+    call = label_check.SYNC_CHECKS + 1
+    with pytest.raises(IndexError, match=f"label 200 is outside .*loss call {call}"):
+        fused_linear_cross_entropy(hidden, weight, labels)
+    fused_linear_cross_entropy(hidden, weight, labels)  # reported once, then forgotten
+
+
 def test_second_backward_is_an_error():
     hidden, weight, _, labels = _inputs(4, 8, 131, torch.float32)
     loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels)

@@ -431,3 +431,20 @@ def test_o_projection_output_unused_skips_the_gemm_and_keeps_the_gradients():
     assert y_skip.shape == y_full.shape == (5, 2, 12) and not y_skip.any()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_mm_returns_the_parameter_dtype(dtype):
+    """LoRA factor gradients come back in the parameter's dtype: fp32 straight from the GEMM on CUDA, a cast
+    elsewhere; both within the 16-bit product's rounding of the fp32 product."""
+    from pronghorn.kernels.lora.projection import grad_mm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(300, 32, generator=g).to(device, dtype).t()  # transposed, as dy^T and t^T are
+    b = torch.randn(300, 72, generator=g).to(device, dtype)
+    got = grad_mm(a, b, torch.float32)
+    want = a.float() @ b.float()
+    assert got.dtype == torch.float32 and got.shape == (32, 72)
+    torch.testing.assert_close(got, want, atol=0.15, rtol=2e-2)
+    assert grad_mm(a, b, dtype).dtype == dtype

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from pronghorn.kernels.backend import use_triton
+from pronghorn.kernels.cross_entropy.label_check import check_label_range
 from pronghorn.kernels.cross_entropy.reference import (
     check_reduction,
     check_token_stats_out,
@@ -56,15 +57,6 @@ def _check_inputs(hidden, weight, labels, bias) -> None:
                         f"must share a dtype (outside autocast, cast them to one)")
 
 
-def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    # The kernel would silently treat an out-of-range label as "no target", so check here (one sync).
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise IndexError(f"fused_linear_cross_entropy: label {first} is outside [0, {vocab}) and is not "
-                         f"ignore_index ({ignore_index}); check the tokenizer's vocab against the LM head")
-
-
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Loss ``L = (1/D) sum_i [lse(y_i) - y_i[t_i]]`` over rows ``i`` whose label ``t_i`` is not
     ignored, with ``a = x W^T + b`` (input dtype), ``z = s a`` (``s = logit_scale``),
@@ -95,7 +87,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         n_rows, _hid = hidden.shape
         vocab = weight.shape[0]
         labels = labels.to(device=hidden.device, dtype=torch.int64).contiguous()
-        _check_label_range(labels, vocab, ignore_index)
+        check_label_range(labels, vocab, ignore_index)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and \
             ctx.needs_input_grad[2]
         rows_per_chunk = pick_chunk_rows(n_rows, vocab, hidden.device, chunk_size)

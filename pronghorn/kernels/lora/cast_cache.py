@@ -11,28 +11,79 @@ between steps (after backward, before the next forward), so no step ever sees a 
 a step (kernels called directly, or under ``torch.no_grad``) every call casts afresh. Entries also
 carry the source's storage pointer and version, so a weight replaced or edited in place by autograd-
 visible ops inside a step is cast again.
+
+Every cast a step made is also remembered (its sources weakly, its output kept): the next
+:func:`begin_step` refreshes all of them in one ``torch._foreach_copy_`` (casting, and writing the
+concatenated ``A``s slice by slice) instead of ~450 separate casts from Python, and the step then finds
+them cached. Fused optimizers update weights without bumping their version, so the refresh always copies.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-_entries: dict | None = None
+_entries: dict | None = None  # cache key -> (cast tensor, record key)
+# record key (ids of the sources, dtype, is_cat) -> (weakrefs to the sources, the output buffer): every cast made
+# and still in use; _used holds the record keys the current step has used, so factors no longer used stop being
+# refreshed.
+_recorded: dict = {}
+_used: set = set()
 
 
 def begin_step() -> None:
-    """Start a new step: drop every cached cast (the weights may have changed since the last step)."""
+    """Start a new step: recast every factor the last step used (the weights may have changed since)."""
     global _entries
-    _entries = {} if torch.is_grad_enabled() else None
+    if not torch.is_grad_enabled():
+        _entries = None
+        return
+    _entries = {}
+    _refresh_recorded()
 
 
 def end_steps() -> None:
-    """Stop caching until the next :func:`begin_step` (used when a model is unpatched or switched to inference)."""
+    """Stop caching until the next :func:`begin_step` and forget the recorded casts (used when a model is
+    unpatched or switched to inference)."""
     global _entries
     _entries = None
+    _recorded.clear()
+    _used.clear()
 
 
 def _key(tensors, dtype):
     return tuple((id(t), t.data_ptr(), t._version) for t in tensors) + (dtype,)
+
+
+@torch.no_grad()  # copies of the factors' values, as the casts made inside the autograd Functions are
+def _refresh_recorded() -> None:
+    dsts, srcs = [], []
+    for rec_key, (refs, out) in list(_recorded.items()):
+        sources = [r() for r in refs]
+        if rec_key not in _used or not _same_layout(sources, out, rec_key[2]):
+            del _recorded[rec_key]  # unused last step, or a source freed or replaced by one of another shape
+            continue
+        dsts += list(out.split([t.shape[0] for t in sources])) if rec_key[2] else [out]
+        srcs += sources
+        _entries[(("cat",) if rec_key[2] else ()) + _key(sources, rec_key[1])] = (out, rec_key)
+    _used.clear()
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+
+
+def _same_layout(sources, out, is_cat) -> bool:
+    if any(t is None or t.device != out.device or t.shape[1:] != out.shape[1:] for t in sources):
+        return False
+    return sum(t.shape[0] for t in sources) == out.shape[0] if is_cat else sources[0].shape == out.shape
+
+
+def _lookup(key, make, sources, dtype, is_cat) -> torch.Tensor:
+    hit = _entries.get(key)
+    if hit is None:
+        rec_key = (tuple(map(id, sources)), dtype, is_cat)
+        hit = _entries[key] = (make(), rec_key)
+        _recorded[rec_key] = ([weakref.ref(t) for t in sources], hit[0])
+    _used.add(hit[1])
+    return hit[0]
 
 
 def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -41,11 +92,7 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         return t
     if _entries is None:
         return t.to(dtype)
-    key = _key((t,), dtype)
-    hit = _entries.get(key)
-    if hit is None:
-        hit = _entries[key] = t.to(dtype)
-    return hit
+    return _lookup(_key((t,), dtype), lambda: t.to(dtype), (t,), dtype, False)
 
 
 def cat_rows(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -54,8 +101,5 @@ def cat_rows(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return cast(tensors[0], dtype)
     if _entries is None:
         return torch.cat([t.to(dtype) for t in tensors])
-    key = ("cat",) + _key(tensors, dtype)
-    hit = _entries.get(key)
-    if hit is None:
-        hit = _entries[key] = torch.cat([t.to(dtype) for t in tensors])
-    return hit
+    return _lookup(("cat",) + _key(tensors, dtype), lambda: torch.cat([t.to(dtype) for t in tensors]), tensors,
+                   dtype, True)

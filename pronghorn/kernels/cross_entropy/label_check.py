@@ -1,0 +1,52 @@
+"""The check that every label is a class id or ``ignore_index``: the kernel would silently treat an out-of-range
+label as "no target".
+
+Reading the answer on the host waits for the GPU to finish everything queued before it: on CUDA that is the
+whole forward pass, after which the GPU idles until the host has queued the loss and the start of backward,
+every step. So the first :data:`SYNC_CHECKS` calls (where a tokenizer/LM-head mismatch shows up) check at once,
+and later calls only queue the check: its result travels to pinned host memory behind the step and is read by
+the next call, which raises then, naming the batch it came from (the step that had the bad label has trained
+with those positions ignored).
+"""
+from __future__ import annotations
+
+import torch
+
+SYNC_CHECKS = 8
+
+
+class LabelRangeCheck:
+    def __init__(self):
+        self.calls = 0
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event, int, int]] = []
+
+    def __call__(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+        self.raise_finished()
+        self.calls += 1
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if not labels.is_cuda or self.calls <= SYNC_CHECKS:
+            if bool(bad.any()):
+                _raise(int(labels[bad][0].item()), vocab, ignore_index, "")
+            return
+        first_bad = labels.reshape(-1)[bad.reshape(-1).to(torch.uint8).argmax()]  # any label if none is bad
+        found = torch.stack([bad.any().to(labels.dtype), first_bad])
+        host = torch.empty(2, dtype=labels.dtype, pin_memory=True)
+        host.copy_(found, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending.append((self.calls, host, done, vocab, ignore_index))
+
+    def raise_finished(self) -> None:
+        """Raise for a queued check that has finished and found a bad label; forget the finished ones."""
+        while self._pending and self._pending[0][2].query():
+            call, host, _, vocab, ignore_index = self._pending.pop(0)
+            if host[0]:
+                _raise(int(host[1]), vocab, ignore_index, f" (in the labels of loss call {call}, checked after it ran)")
+
+
+def _raise(label: int, vocab: int, ignore_index: int, where: str) -> None:
+    raise IndexError(f"fused_linear_cross_entropy: label {label} is outside [0, {vocab}) and is not ignore_index "
+                     f"({ignore_index}){where}; check the tokenizer's vocab against the LM head")
+
+
+check_label_range = LabelRangeCheck()
