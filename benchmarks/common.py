@@ -403,7 +403,7 @@ class Timer:
 
 
 def write_profile(step, batches, path) -> None:
-    """Two steps under torch.profiler (per-kernel table by device time, to ``path``), two under
+    """Two steps under torch.profiler (per-kernel tables by device time and by host time, to ``path``), two under
     cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``), then two with only
     the device traced (:func:`device_timeline`, to ``path`` with suffix ``.timeline.json``)."""
     import cProfile
@@ -416,8 +416,11 @@ def write_profile(step, batches, path) -> None:
         for batch in batches[:2]:
             step(batch)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
-    Path(path).write_text(table)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+    # By host time too: CUDA runtime calls that block (synchronizations, launches into a full queue) show here.
+    host_table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+    Path(path).write_text(table + "\n\nBy self CPU time:\n" + host_table)
     host = cProfile.Profile()
     host.enable()
     for batch in batches[:2]:

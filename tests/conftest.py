@@ -21,6 +21,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A test session builds hundreds of models; frozen out of the cyclic GC, their cycles would never be freed.
+os.environ.setdefault("PRONGHORN_GC_FREEZE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

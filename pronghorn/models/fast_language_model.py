@@ -7,6 +7,7 @@ import torch
 
 from pronghorn.config.validation import validate_load
 from pronghorn.models.dtypes import resolve_dtype
+from pronghorn.models.gc_freeze import freeze_long_lived_objects
 from pronghorn.models.modes import for_inference, for_training
 from pronghorn.models.sources import resolve_source
 from pronghorn.models.tokenizer_setup import sync_pad_token
@@ -139,7 +140,9 @@ class FastLanguageModel:
             model.max_seq_length = max_seq_length
         _enable_checkpointing(model, use_gradient_checkpointing)
         _attach_exports(model)
-        return for_training(model)
+        model = for_training(model)
+        freeze_long_lived_objects()
+        return model
 
     for_training = staticmethod(for_training)
     for_inference = staticmethod(for_inference)
@@ -175,6 +178,8 @@ def _finish_loading(model, full_finetuning: bool, use_gradient_checkpointing, ad
     if adapter_dir:
         model = _load_adapter(model, adapter_dir, use_gradient_checkpointing)
     _attach_exports(model)
+    if full_finetuning or adapter_dir:  # ready to train as loaded (LoRA models freeze after get_peft_model)
+        freeze_long_lived_objects()
     return model
 
 

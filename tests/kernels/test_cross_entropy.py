@@ -154,7 +154,8 @@ def test_cuda_label_check_waits_only_in_the_first_calls_then_raises_at_the_next_
     monkeypatch.setattr(label_check, "check_label_range", label_check.LabelRangeCheck())
     monkeypatch.setattr("pronghorn.kernels.cross_entropy.function.check_label_range",
                         label_check.check_label_range)
-    hidden, weight, _, labels = (t.cuda() for t in _inputs(4, 8, 131, torch.float32))
+    hidden, weight, _, labels = _inputs(4, 8, 131, torch.float32)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
     for _ in range(label_check.SYNC_CHECKS):
         fused_linear_cross_entropy(hidden, weight, labels)
     bad = labels.clone()
