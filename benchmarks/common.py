@@ -475,7 +475,19 @@ def device_timeline(kernels: list[tuple[int, int, str, int]], top: int = 15) -> 
         "main_stream_idle_while_side_streams_ran_ms": waiting_on_copies / 1e6,
         "gaps": [{"ms": g / 1e6, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]],
         "main_stream_gaps": [{"ms": g / 1e6, "after": a[:80], "before": b[:80]} for g, a, b in main_gaps[:top]],
+        # Where the compute stream's idle time sits, summed by the pair of kernels around each gap.
+        "main_stream_idle_by_neighbours": _idle_by_neighbours(main_gaps, top),
     }
+
+
+def _idle_by_neighbours(gaps: list, top: int) -> list[dict]:
+    totals: dict[tuple[str, str], list] = {}
+    for g, after, before in gaps:
+        entry = totals.setdefault((after[:60], before[:60]), [0, 0])
+        entry[0] += g
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"ms": ms / 1e6, "count": n, "after": a, "before": b} for (a, b), (ms, n) in ranked]
 
 
 def _main_stream_gaps(kernels: list[tuple[int, int, str, int]], main: int) -> tuple[list, int]:

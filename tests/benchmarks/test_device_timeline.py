@@ -48,3 +48,5 @@ def test_main_stream_gaps_say_how_much_a_side_stream_filled():
     assert t["main_stream_idle_while_side_streams_ran_ms"] == pytest.approx(2.0)
     assert [g["ms"] for g in t["main_stream_gaps"]] == [pytest.approx(2.0), pytest.approx(2.0)]
     assert t["main_stream_gaps"][0]["after"] in ("gemm", "norm")
+    assert {(n["after"], n["before"], n["count"]) for n in t["main_stream_idle_by_neighbours"]} == {
+        ("gemm", "norm", 1), ("norm", "rope", 1)}
