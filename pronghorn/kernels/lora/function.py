@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from ..dequant.weights import weight_rows
 from .parts import LoraParts, as_parts
 from .projection import (
     PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs,
-    out_features, unflat_parts,
+    unflat_parts,
 )
 
 
@@ -28,7 +29,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
         if output_unused:
             xas = lora_inputs(x2, parts, dtype)
             zero = x2.new_zeros((), dtype=dtype)
-            outs = [zero.expand(x2.shape[0], out_features(p)) for p in parts]
+            outs = [zero.expand(x2.shape[0], weight_rows(p.weight)) for p in parts]
         else:
             outs, xas = forward_shared(x2, parts, dtype)
         needs = ctx.needs_input_grad[3:]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dequant.weights import dense_weight, weight_rows
+from ..dequant.weights import dense_weight
 from . import cast_cache
 from .parts import LoraParts
 
@@ -42,10 +42,6 @@ def flat_parts(parts: list[LoraParts]) -> list:
 def unflat_parts(flat, scales) -> list[LoraParts]:
     return [LoraParts(flat[i], flat[i + 1], flat[i + 2], scales[i // PER_PROJ], flat[i + 3])
             for i in range(0, len(flat), PER_PROJ)]
-
-
-def out_features(p: LoraParts) -> int:
-    return weight_rows(p.weight)
 
 
 def cast_to(t, dtype):
