@@ -211,6 +211,19 @@ def test_max_pixels_bounds_the_processed_images(qwen, tmp_path):
     assert reloaded.image_processor.size["longest_edge"] == limit
 
 
+def test_image_only_checkpoint_loads_where_torchvision_is_installed(tmp_path, monkeypatch, caplog):
+    """A processor saved image-only (no torchvision) has no video processor config: a machine with
+    torchvision, where transformers then fails to build the video processor, loads it image-only too."""
+    import pronghorn.models.vision.processors as processors
+
+    tiny_processor("qwen2_vl").save_pretrained(tmp_path)
+    monkeypatch.setattr(processors, "torchvision_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        reloaded = load_processor(str(tmp_path))
+    assert type(reloaded).__name__ == "Qwen2VLProcessor"
+    assert "no video processor config" in caplog.text
+
+
 def test_resize_argument_forms():
     processor = tiny_processor("gemma3")
     assert VisionDataCollator(None, processor, resize=32).size_policy.max_image_size == 32

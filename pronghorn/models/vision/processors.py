@@ -4,8 +4,8 @@ transformers builds video processors (and the base class a processor checks them
 torchvision is installed. Processors that declare a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
 therefore cannot be loaded at all without torchvision, even for image-only work. We then load the same
 processor class without its video processor: images are processed by the very same code, videos are
-refused with a message naming the fix. The class keeps its name, so ``save_pretrained`` writes a
-processor that a machine with torchvision loads as usual.
+refused with a message naming the fix. The class keeps its name; a checkpoint saved this way has no video
+processor config, so a machine with torchvision loads it image-only too (with a warning).
 """
 from __future__ import annotations
 
@@ -66,18 +66,21 @@ def _processor_class(source: str, hub_kwargs: dict):
 
 
 def load_processor(source: str, **hub_kwargs):
-    """``AutoProcessor.from_pretrained(source)``, or the image-only processor where torchvision is missing."""
+    """``AutoProcessor.from_pretrained(source)``, or the image-only processor where the video processor
+    cannot be built: torchvision is missing, or the checkpoint was saved image-only (on a machine without
+    torchvision) and has no video processor config to build it from."""
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError, TypeError, AttributeError) as error:
-        if torchvision_available():
+        if torchvision_available() and not (isinstance(error, OSError) and "video" in str(error).lower()):
             raise
         cls = _processor_class(source, hub_kwargs)
         if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
             raise
-        logger.warning("torchvision is not installed, so %s cannot build its video processor (%s: %s); loading "
-                       "it for images and text only. Install torchvision for video.", cls.__name__,
-                       type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        reason = ("the checkpoint has no video processor config (saved where torchvision was missing?)"
+                  if torchvision_available() else "torchvision is not installed")
+        logger.warning("%s cannot build its video processor: %s (%s: %s); loading it for images and text only.",
+                       cls.__name__, reason, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return image_only_processor(cls).from_pretrained(source, **hub_kwargs)
