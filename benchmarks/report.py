@@ -33,8 +33,6 @@ def label(rec: dict) -> str:
         name += f" (stash {rec['stash_mlp_layers']})"
     if rec.get("stash_residual"):
         name += " (residual stash)"
-    if rec.get("dequant_group_max_mb"):
-        name += f" (NF4 groups up to {rec['dequant_group_max_mb']} MiB)"
     if rec.get("batches") == "pageable":
         name += " (pageable batches)"
     return name

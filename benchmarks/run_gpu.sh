@@ -15,8 +15,7 @@
 #   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger];
 #                           suffixes: +stashN the experimental MLP stash over the first N layers (pronghorn),
 #                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
-#                           +pageable unpinned input batches (any config), +groupN NF4 weights of one input
-#                           dequantized together up to N MiB (pronghorn), e.g. pronghorn+residual+pageable
+#                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -45,7 +44,7 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=1; shift ;;
     --model-root) MODEL_ROOT=$2; shift 2 ;;
     --out) OUTDIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,7 +88,7 @@ for mode in "${MODE_LIST[@]}"; do
     for gc in "${variants[@]}"; do
       name="$config-$mode"
       case $config in unsloth|pronghorn*) [ "$gc" = unsloth ] || name="$name-gc$gc" ;; esac
-      per_run=(); run_env=()  # per-run options and environment from the config's +suffixes (see --configs)
+      per_run=()  # per-run options from the config's +suffixes (see --configs)
       IFS=+ read -ra suffixes <<< "${config#*+}"
       [[ $config == *+* ]] || suffixes=()
       for suffix in ${suffixes[@]+"${suffixes[@]}"}; do
@@ -97,7 +96,6 @@ for mode in "${MODE_LIST[@]}"; do
           stash*) per_run+=(--stash-mlp-layers "${suffix#stash}") ;;
           residual) per_run+=(--stash-residual 1) ;;
           pageable) per_run+=(--batches pageable) ;;
-          group*) run_env+=("PRONGHORN_DEQUANT_GROUP_MAX_MB=${suffix#group}") ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done
@@ -106,7 +104,7 @@ for mode in "${MODE_LIST[@]}"; do
       limit=$(( TIMEOUT < left ? TIMEOUT : left ))
       if [ "$limit" -lt 30 ]; then log "skipping $name: only ${left}s of the budget left"; continue; fi
       log "running $name (limit ${limit}s)"
-      env ${run_env[@]+"${run_env[@]}"} timeout --kill-after=10 "$limit" $PY benchmarks/train_throughput.py --shape "$SHAPE" --config "${config%%+*}" \
+      timeout --kill-after=10 "$limit" $PY benchmarks/train_throughput.py --shape "$SHAPE" --config "${config%%+*}" \
         --mode "$mode" --gc "$gc" --model-dir "$MODEL_DIR" --peak-json "$RES/peak.json" --commit "$COMMIT" \
         --out "$RES/$name.json" ${per_run[@]+"${per_run[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} 2>&1 | tee "$LOGS/$name.log"
       rc=${PIPESTATUS[0]}

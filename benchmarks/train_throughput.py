@@ -293,9 +293,6 @@ def run(args) -> dict:
                   attn_implementation=(args.attn if args.config in ("hf_peft", "liger") else "library default"),
                   stash_mlp_layers=args.stash_mlp_layers if args.config == "pronghorn" else None,
                   stash_residual=bool(args.stash_residual) if args.config == "pronghorn" else None,
-                  # set only to override the library's default (run_gpu.sh +groupN)
-                  dequant_group_max_mb=(os.environ.get("PRONGHORN_DEQUANT_GROUP_MAX_MB")
-                                        if args.config == "pronghorn" else None),
                   batches=args.batches,
                   autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
                   warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
