@@ -10,9 +10,8 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_f  # noqa: E402
 
 from pronghorn.kernels.dequant import (  # noqa: E402
-    NF4_VALUES, dense_weight, dense_weights, dequantize_nf4, dequantize_nf4_reference, is_quantized, weight_of,
+    NF4_VALUES, dense_weight, dequantize_nf4, dequantize_nf4_reference, is_quantized, weight_of,
 )
-from pronghorn.kernels.dequant.function import dequantize_nf4_group  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -113,27 +112,6 @@ def test_rejects_fp4_and_wrong_sizes():
         dequantize_nf4(packed, state, torch.int8)
 
 
-@pytest.mark.parametrize("rows", [(40, 8, 8), (33, 65), (1, 3, 2)])
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_group_launch_matches_one_by_one(rows, nested, dtype):
-    """q/k/v-like weights (one column count, any row counts, odd ones included) in one launch: each row
-    block equals that weight dequantized alone, bit for bit."""
-    members = [_quantize((r, 128), 64, nested, dtype, seed=i) for i, r in enumerate(rows)]
-    together = dequantize_nf4_group(members, dtype)
-    assert together.shape == (sum(rows), 128) and together.dtype == dtype
-    for block, (packed, state) in zip(together.split(list(rows)), members):
-        assert torch.equal(block, dequantize_nf4_reference(packed, state))
-
-
-def test_group_launch_declines_what_cannot_share_it():
-    same = _quantize((8, 128), 64, True, torch.float32)
-    assert dequantize_nf4_group([same, _quantize((8, 128), 128, True, torch.float32)], torch.float32) is None
-    assert dequantize_nf4_group([same, _quantize((8, 64), 64, True, torch.float32)], torch.float32) is None
-    assert dequantize_nf4_group([same, _quantize((8, 128), 64, False, torch.float32)], torch.float32) is None
-    assert dequantize_nf4_group([same] * 4, torch.float32) is None  # the kernel takes up to three
-
-
 def _linear4bit(weight, nested=True, quant_dtype=torch.float32):
     layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, quant_type="nf4",
                               compress_statistics=nested, compute_dtype=torch.float32)
@@ -171,25 +149,6 @@ def test_weight_of_linear8bit(dtype):
     torch.testing.assert_close(got.float(), w, atol=w.abs().amax() / 127, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dense_weights_group_and_fall_back(dtype, monkeypatch):
-    """Grouped or not, dense_weights hands out what dense_weight gives for each weight, in order."""
-    import pronghorn.kernels.dequant.weights as weights_mod
-
-    qkv = [_linear4bit(torch.randn(r, 64)).weight for r in (32, 16, 16)]
-    mixed = [qkv[0], nn.Linear(64, 8).weight.detach()]
-    odd_state = [qkv[0], _linear4bit(torch.randn(16, 64), quant_dtype=torch.float16).weight]
-    for weights in (qkv, mixed, odd_state, qkv[:1]):
-        got = list(dense_weights(weights, dtype))
-        assert len(got) == len(weights)
-        for g, w in zip(got, weights):
-            assert torch.equal(g, dense_weight(w, dtype))
-    q, k, _ = dense_weights(qkv, dtype)  # one buffer: k's rows follow q's
-    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
-    monkeypatch.setattr(weights_mod, "GROUP_MAX_BYTES", 0)  # over the size limit: one at a time
-    assert all(torch.equal(g, dense_weight(w, dtype)) for g, w in zip(dense_weights(qkv, dtype), qkv))
-
-
 def test_weight_of_plain_linear_and_errors():
     lin = nn.Linear(8, 4)
     assert weight_of(lin, torch.float32) is lin.weight
@@ -208,19 +167,6 @@ def test_gpu_matches_bitsandbytes(shape, nested, dtype):
     expected = bnb_f.dequantize_4bit(packed, state)
     assert torch.equal(dequantize_nf4(packed, state), expected)
     assert math.prod(shape) == expected.numel()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_group_launch_matches_bitsandbytes(nested, dtype):
-    rows = (4096, 1024, 1023)
-    members = [_quantize((r, 4096), 64, nested, dtype, seed=i, device="cuda") for i, r in enumerate(rows)]
-    for _ in range(2):  # the second call goes through the kept launcher
-        together = dequantize_nf4_group(members, dtype)
-        for block, (packed, state) in zip(together.split(list(rows)), members):
-            assert torch.equal(block, bnb_f.dequantize_4bit(packed, state))
 
 
 @pytest.mark.gpu

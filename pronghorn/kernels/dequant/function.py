@@ -36,16 +36,3 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
         plan = launch_plan(packed, quant_state, validate=check_quant_state)
         return dequantize_nf4_triton(plan, _table(packed.device), dtype)
     return dequantize_nf4_reference(packed, quant_state, dtype)
-
-
-def dequantize_nf4_group(members: list[tuple], out_dtype: torch.dtype) -> torch.Tensor | None:
-    """2 or 3 NF4 weights ``(packed, quant_state)`` of one column count, dequantized in one launch into
-    one ``[sum of rows, cols]`` tensor (each weight's rows in order), bit-exactly as one by one; None
-    where they cannot share a launch (no Triton here, or another blocksize / double quantization)."""
-    if not use_triton(*(t for packed, state in members for t in (packed, state.absmax))):
-        return None
-    from .triton import dequantize_nf4_triton, group_plan
-
-    plan = group_plan(members, validate=check_quant_state)
-    dtype = resolve_out_dtype(members[0][1], out_dtype)
-    return None if plan is None else dequantize_nf4_triton(plan, _table(members[0][0].device), dtype)

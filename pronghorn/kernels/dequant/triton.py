@@ -33,12 +33,12 @@ def round_fp32_to_bf16_grid(x):
 
 
 @triton.jit
-def _dequant_span(
-    packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, pid,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
-    INT64: tl.constexpr,
+def _nf4_dequant_kernel(
+    packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Elements ``[pid * BLOCK, (pid + 1) * BLOCK)`` of one weight (``n`` elements) into ``out_ptr``."""
+    pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     e = pid * BLOCK + tl.arange(0, BLOCK)
@@ -60,63 +60,28 @@ def _dequant_span(
     tl.store(out_ptr + e, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _nf4_dequant_kernel(
-    table_ptr, out_ptr,
-    packed_0, absmax_0, absmax2_0, code2_0, offset_0, n_0,
-    packed_1, absmax_1, absmax2_1, code2_1, offset_1, n_1, out_1, start_1,
-    packed_2, absmax_2, absmax2_2, code2_2, offset_2, n_2, out_2, start_2,
-    SEGMENTS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-    BLOCK: tl.constexpr, INT64: tl.constexpr,
-):
-    """Up to three weights, one after another in ``out_ptr``: weight i starts at element ``out_<i>`` and
-    is written by programs from ``start_<i>`` on (a two-weight launch passes ``start_2`` = the grid size)."""
-    pid = tl.program_id(0)
-    if SEGMENTS == 1:
-        _dequant_span(packed_0, absmax_0, table_ptr, absmax2_0, code2_0, offset_0, out_ptr, n_0, pid,
-                      BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, INT64)
-    else:
-        if pid < start_1:
-            _dequant_span(packed_0, absmax_0, table_ptr, absmax2_0, code2_0, offset_0, out_ptr, n_0, pid,
-                          BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, INT64)
-        elif pid < start_2:
-            _dequant_span(packed_1, absmax_1, table_ptr, absmax2_1, code2_1, offset_1, out_ptr + out_1, n_1,
-                          pid - start_1, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, INT64)
-        else:
-            _dequant_span(packed_2, absmax_2, table_ptr, absmax2_2, code2_2, offset_2, out_ptr + out_2, n_2,
-                          pid - start_2, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, INT64)
-
-
 def _block_for(numel: int) -> int:
     # 1024 elements (512 packed bytes) per program keeps loads wide on GPU; tiny weights use less.
     return max(16, min(1024, triton.next_power_of_2(numel)))
 
 
-class _Segment(NamedTuple):
-    """One quantized weight as the kernel reads it (validated when made)."""
+class _LaunchPlan(NamedTuple):
+    """Everything a launch needs that does not change between calls for one quantized weight."""
 
+    key: tuple
+    shape: tuple
+    numel: int
     packed_u8: torch.Tensor
     absmax: torch.Tensor
     absmax2: torch.Tensor
     code2: torch.Tensor
     offset: torch.Tensor
-    numel: int
-    shape: tuple
     blocksize: int
     blocksize2: int
     nested: bool
-
-
-class _LaunchPlan(NamedTuple):
-    """Everything a launch needs that does not change between calls, for one weight or a group of
-    weights dequantized into one buffer."""
-
-    key: tuple
-    shape: tuple
-    numel: int
-    args: tuple  # kernel arguments after (table, out)
+    block: int
     grid: tuple
-    constexprs: dict
+    int64: bool
     launches: dict  # output dtype -> CompiledLaunch: only the freshly allocated output changes between calls
 
 
@@ -125,7 +90,7 @@ def _plan_key(packed: torch.Tensor, quant_state) -> tuple:
     return (packed.data_ptr(), packed.device, quant_state.absmax.data_ptr())
 
 
-def _segment(packed: torch.Tensor, quant_state) -> _Segment:
+def _make_plan(packed: torch.Tensor, quant_state, key: tuple) -> _LaunchPlan:
     numel = math.prod(quant_state.shape)
     packed_u8 = packed.reshape(-1).view(torch.uint8).contiguous()
     absmax = quant_state.absmax.reshape(-1).contiguous()
@@ -140,25 +105,10 @@ def _segment(packed: torch.Tensor, quant_state) -> _Segment:
     else:
         absmax2 = code2 = offset = absmax  # unused pointers when NESTED is off
         blocksize2 = 1
-    return _Segment(packed_u8, absmax, absmax2, code2, offset, numel, tuple(quant_state.shape),
-                    int(quant_state.blocksize), blocksize2, bool(quant_state.nested))
-
-
-def _make_plan(segments: list[_Segment], key: tuple, shape: tuple) -> _LaunchPlan:
-    first = segments[0]
-    block = _block_for(max(min(s.numel for s in segments), 1))
-    programs = [triton.cdiv(s.numel, block) for s in segments]
-    args = list(first[:6])
-    out_at, start = first.numel, programs[0]
-    for i in (1, 2):
-        if i < len(segments):
-            args += [*segments[i][:6], out_at, start]
-            out_at, start = out_at + segments[i].numel, start + programs[i]
-        else:  # an unused slot: never reached, since its start is the grid size
-            args += [*first[:6], 0, sum(programs)]
-    constexprs = dict(SEGMENTS=len(segments), BLOCKSIZE=first.blocksize, BLOCKSIZE2=first.blocksize2,
-                      NESTED=first.nested, BLOCK=block, INT64=any(s.numel >= 2**31 for s in segments))
-    return _LaunchPlan(key, shape, sum(s.numel for s in segments), tuple(args), (sum(programs),), constexprs, {})
+    block = _block_for(max(numel, 1))
+    return _LaunchPlan(key, tuple(quant_state.shape), numel, packed_u8, absmax, absmax2, code2, offset,
+                       int(quant_state.blocksize), blocksize2, bool(quant_state.nested), block,
+                       (triton.cdiv(numel, block),), numel >= 2**31, {})
 
 
 def launch_plan(packed: torch.Tensor, quant_state, validate=None) -> _LaunchPlan:
@@ -175,49 +125,25 @@ def launch_plan(packed: torch.Tensor, quant_state, validate=None) -> _LaunchPlan
         return plan
     if validate is not None:
         validate(packed, quant_state)
-    plan = _make_plan([_segment(packed, quant_state)], key, tuple(quant_state.shape))
-    _keep(quant_state, "_pronghorn_nf4_plan", plan)
-    return plan
-
-
-def group_plan(members: list[tuple], validate=None) -> _LaunchPlan | None:
-    """One plan dequantizing 2 or 3 ``(packed, quant_state)`` weights into one ``[sum of rows, cols]``
-    buffer, or None when they cannot share a launch (another column count, blocksize or double
-    quantization, or not 2-D). Kept on the first weight's state, keyed like :func:`launch_plan`."""
-    if not 2 <= len(members) <= 3:
-        return None
-    key = tuple(_plan_key(packed, state) for packed, state in members)
-    plans = getattr(members[0][1], "_pronghorn_nf4_groups", None) or {}
-    if key in plans:
-        return plans[key]
-    for packed, state in members:
-        if validate is not None:
-            validate(packed, state)
-    segments = [_segment(packed, state) for packed, state in members]
-    first = segments[0]
-    plan = None
-    if all(len(s.shape) == 2 and s.shape[1] == first.shape[1] and s[7:] == first[7:] for s in segments):
-        plan = _make_plan(segments, key, (sum(s.shape[0] for s in segments), first.shape[1]))
-    _keep(members[0][1], "_pronghorn_nf4_groups", {**plans, key: plan})
-    return plan
-
-
-def _keep(quant_state, name: str, value) -> None:
+    plan = _make_plan(packed, quant_state, key)
     try:
-        setattr(quant_state, name, value)
+        quant_state._pronghorn_nf4_plan = plan
     except AttributeError:  # a state object that takes no new attributes: plan again next call
         pass
+    return plan
 
 
 def dequantize_nf4_triton(plan: _LaunchPlan, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the kernel for a plan from :func:`launch_plan` or :func:`group_plan`; inputs were validated
-    when it was made."""
-    out = torch.empty(plan.shape, dtype=dtype, device=table.device)
+    """Launch the kernel for a plan from :func:`launch_plan`; inputs were validated when it was made."""
+    out = torch.empty(plan.shape, dtype=dtype, device=plan.packed_u8.device)
     if plan.numel == 0:
         return out
     launch = plan.launches.get(dtype)
     if launch is None:
-        launch = plan.launches[dtype] = CompiledLaunch(_nf4_dequant_kernel, plan.grid, plan.constexprs,
-                                                       num_warps=4, enable_fp_fusion=False)
-    launch(table, out, *plan.args)
+        launch = plan.launches[dtype] = CompiledLaunch(
+            _nf4_dequant_kernel, plan.grid,
+            dict(BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=plan.block,
+                 INT64=plan.int64),
+            num_warps=4, enable_fp_fusion=False)
+    launch(plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel)
     return out

@@ -5,14 +5,10 @@ carries (``quant_state`` for 4-bit, ``SCB`` for int8), so plain-PyTorch users ne
 """
 from __future__ import annotations
 
-import math
-import os
-from typing import Iterator
-
 import torch
 from torch import nn
 
-from .function import dequantize_nf4, dequantize_nf4_group
+from .function import dequantize_nf4
 
 # bitsandbytes' int8 row scales map to [-127, 127]; it multiplies by this reciprocal rather than dividing.
 _INV_127 = 7.874015718698502e-3
@@ -66,35 +62,6 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise TypeError(f"cannot make a dense weight from a {weight.dtype} tensor without quantization state "
                         "(expected a float tensor, a bitsandbytes Params4bit with quant_state, or Int8Params with SCB)")
     return weight if weight.dtype == dtype else weight.to(dtype)
-
-
-# Dequantizing the weights of one input together keeps their dense copies alive together: q/k/v of an 8B
-# model take 48 MiB so, gate/up 224 MiB where one at a time peaked at 112 MiB. Groups above this size are
-# dequantized one weight at a time.
-GROUP_MAX_BYTES = int(float(os.environ.get("PRONGHORN_DEQUANT_GROUP_MAX_MB", "64")) * 2**20)
-
-
-def dense_weights(weights: list[torch.Tensor], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """Each weight as :func:`dense_weight` gives it, in order. NF4 weights of one column count (q/k/v,
-    gate/up) up to :data:`GROUP_MAX_BYTES` together are dequantized in one launch and handed out as row
-    blocks of one buffer: launches cost host time that QLoRA steps are short of. Otherwise each weight is
-    made when asked for, so a caller that drops it before asking for the next holds one at a time."""
-    blocks = _dequantize_together(weights, dtype) if 2 <= len(weights) <= 3 else None
-    if blocks is not None:
-        yield from blocks
-        return
-    for weight in weights:
-        yield dense_weight(weight, dtype)
-
-
-def _dequantize_together(weights, dtype) -> list[torch.Tensor] | None:
-    states = [_four_bit_state(w) for w in weights]
-    if any(s is None or s.quant_type != "nf4" or (s.dtype != dtype and s.dtype != torch.float32) for s in states):
-        return None  # not all NF4, or a 16-bit state read as another dtype (dense_weight rounds twice there)
-    if sum(math.prod(s.shape) for s in states) * dtype.itemsize > GROUP_MAX_BYTES:
-        return None
-    together = dequantize_nf4_group([(w.data, s) for w, s in zip(weights, states)], dtype)
-    return None if together is None else together.split([s.shape[0] for s in states])
 
 
 def weight_of(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dequant.weights import dense_weights
+from ..dequant.weights import dense_weight
 from . import cast_cache
 from .parts import LoraParts
 
@@ -67,9 +67,10 @@ def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[lis
 def project(x2: torch.Tensor, parts: list[LoraParts], xas: list, dtype) -> list:
     """Each projection's output ``x W^T + b + s (x A^T) B^T`` from its ``x A^T`` (see :func:`lora_inputs`)."""
     outs = []
-    for p, xa, w in zip(parts, xas, dense_weights([p.weight for p in parts], dtype)):
+    for p, xa in zip(parts, xas):
+        w = dense_weight(p.weight, dtype)
         y = F.linear(x2, w, cast_to(p.bias, dtype))
-        del w  # a weight dequantized on its own is freed here, before the next projection's is made
+        del w  # a dequantized weight is freed here, before the next projection materialises its own
         if xa is not None:
             y.addmm_(xa, cast_cache.cast(p.B, dtype).t(), alpha=p.scale)
         outs.append(y)
@@ -102,7 +103,8 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
             d_as[i] = grad_mm(ts[i].t(), x2, parts[i].A.dtype)
     dx = None
     if need_dx:
-        for dy, w in zip(dys, dense_weights([p.weight for p in parts], dtype)):
+        for p, dy in zip(parts, dys):
+            w = dense_weight(p.weight, dtype)
             dx = dy @ w if dx is None else dx.addmm_(dy, w)
             del w
         if ts:
