@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pronghorn.kernels.compiled_launch import launch
+
 
 @triton.jit
 def row_tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -36,7 +38,8 @@ def tile_config(n_rows: int, n_cols: int, on_gpu: bool) -> dict:
 
 def _launch(kernel, n_rows: int, n_cols: int, on_gpu: bool, args: tuple, constexprs: dict) -> None:
     cfg = tile_config(n_rows, n_cols, on_gpu)
-    kernel[cfg["grid"]](*args, **constexprs, ROWS=cfg["ROWS"], BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    launch(kernel, cfg["grid"], args, {**constexprs, "ROWS": cfg["ROWS"], "BLOCK": cfg["BLOCK"]},
+           num_warps=cfg["num_warps"])
 
 
 def launch_gated_forward(kernel, g: torch.Tensor, u: torch.Tensor, **constexprs) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pronghorn.kernels.compiled_launch import launch
+
 
 @triton.jit
 def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
@@ -121,13 +123,12 @@ def ce_rows_inplace(logits: torch.Tensor, labels: torch.Tensor, loss_out: torch.
         raise ValueError("ce_rows_inplace: pass both entropy_out and top1_out, or neither")
     stats = entropy_out is not None
     per_program, block = ce_tile_config(n_cols, logits.is_cuda)
-    _ce_rows_kernel[(triton.cdiv(rows, per_program),)](
-        logits, logits.stride(0), labels, loss_out, entropy_out if stats else loss_out,
-        top1_out if stats else loss_out, rows, n_cols, ignore_index, float(logit_scale),
-        float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None, STATS=stats, ROWS=per_program, BLOCK=block,
-        num_warps=8 if per_program * block >= 2048 else 4,
-    )
+    launch(_ce_rows_kernel, (triton.cdiv(rows, per_program),),
+           (logits, logits.stride(0), labels, loss_out, entropy_out if stats else loss_out,
+            top1_out if stats else loss_out, rows, n_cols, ignore_index, float(logit_scale),
+            float(softcap) if softcap is not None else 1.0),
+           dict(HAS_SOFTCAP=softcap is not None, STATS=stats, ROWS=per_program, BLOCK=block),
+           num_warps=8 if per_program * block >= 2048 else 4)
 
 
 def scale_into(src: torch.Tensor, dst: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -136,5 +137,5 @@ def scale_into(src: torch.Tensor, dst: torch.Tensor, factor: torch.Tensor) -> to
     n = src.numel()
     if n:
         block = 2048
-        _scale_kernel[(triton.cdiv(n, block),)](src, dst, factor, n, BLOCK=block, num_warps=4)
+        launch(_scale_kernel, (triton.cdiv(n, block),), (src, dst, factor, n), dict(BLOCK=block), num_warps=4)
     return dst

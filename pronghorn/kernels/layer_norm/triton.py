@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pronghorn.kernels.compiled_launch import launch
 from pronghorn.kernels.norm_rows import load_program_row, program_rows, row_block, split_rows, warps_for_block
 
 
@@ -80,12 +81,11 @@ def layer_norm_fwd(
     mean = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     block = row_block(n_cols)
-    _layer_norm_fwd_kernel[(n_rows,)](
-        x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
-        x2d.stride(0), y.stride(0), n_cols, eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, INT64=int64, BLOCK_N=block,
-        num_warps=warps_for_block(block),
-    )
+    launch(_layer_norm_fwd_kernel, (n_rows,),
+           (x2d, weight if weight is not None else x2d, bias if bias is not None else x2d, y, mean, rstd,
+            x2d.stride(0), y.stride(0), n_cols, eps),
+           dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, INT64=int64, BLOCK_N=block),
+           num_warps=warps_for_block(block))
     return y, mean, rstd
 
 
@@ -100,10 +100,10 @@ def layer_norm_bwd(
     dw_partial = torch.empty(shape if compute_dw else (1,), dtype=torch.float32, device=x2d.device)
     db_partial = torch.empty(shape if compute_db else (1,), dtype=torch.float32, device=x2d.device)
     block = row_block(n_cols)
-    _layer_norm_bwd_kernel[(programs,)](
-        dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx2d, dw_partial, db_partial,
-        dy2d.stride(0), x2d.stride(0), dx2d.stride(0), n_rows, n_cols, rows_per_program,
-        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, INT64=int64,
-        BLOCK_N=block, num_warps=warps_for_block(block),
-    )
+    launch(_layer_norm_bwd_kernel, (programs,),
+           (dy2d, x2d, weight if weight is not None else x2d, mean, rstd, dx2d, dw_partial, db_partial,
+            dy2d.stride(0), x2d.stride(0), dx2d.stride(0), n_rows, n_cols, rows_per_program),
+           dict(HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, INT64=int64,
+                BLOCK_N=block),
+           num_warps=warps_for_block(block))
     return (dw_partial.sum(0) if compute_dw else None), (db_partial.sum(0) if compute_db else None)

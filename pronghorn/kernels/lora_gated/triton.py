@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from pronghorn.kernels.backend import interpreter_on
+from pronghorn.kernels.compiled_launch import launch
 from pronghorn.kernels.geglu.triton import _gelu_and_grad
 from pronghorn.kernels.gated_launch import row_tile
 from pronghorn.kernels.lora_gated.reference import LowRank
@@ -129,9 +130,11 @@ def _launch(kernel, tensors: tuple, strides: tuple, g, low_g, low_u, activation,
     ieee = g.dtype == torch.float32 or interpreter_on()
     rows, block, warps = tile
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
-    kernel[grid](*tensors, xg, bg, xu, bu, n_rows, n_cols, rank_g, rank_u, *strides, xg_s, bg_s, xu_s, bu_s, sg, su,
-                 ACT=ACT_CODES[activation], HAS_G=has_g, HAS_U=has_u, RG=rg, RU=ru, IEEE=ieee, ROWS=rows,
-                 BLOCK=block, num_warps=warps)
+    launch(kernel, grid,
+           (*tensors, xg, bg, xu, bu, n_rows, n_cols, rank_g, rank_u, *strides, xg_s, bg_s, xu_s, bu_s, sg, su),
+           dict(ACT=ACT_CODES[activation], HAS_G=has_g, HAS_U=has_u, RG=rg, RU=ru, IEEE=ieee, ROWS=rows,
+                BLOCK=block),
+           num_warps=warps)
 
 
 def lora_gated_forward(g: torch.Tensor, u: torch.Tensor, low_g: LowRank | None, low_u: LowRank | None,

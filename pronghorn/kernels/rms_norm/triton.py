@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pronghorn.kernels.compiled_launch import launch
 from pronghorn.kernels.norm_rows import load_program_row, program_rows, row_block, split_rows, warps_for_block
 
 
@@ -77,11 +78,9 @@ def rms_norm_fwd(
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     block = row_block(n_cols)
-    _rms_norm_fwd_kernel[(n_rows,)](
-        x2d, weight, y, rstd,
-        x2d.stride(0), y.stride(0), n_cols, eps, offset,
-        CAST_LLAMA=cast_llama, INT64=int64, BLOCK_N=block, num_warps=warps_for_block(block),
-    )
+    launch(_rms_norm_fwd_kernel, (n_rows,),
+           (x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_cols, eps, offset),
+           dict(CAST_LLAMA=cast_llama, INT64=int64, BLOCK_N=block), num_warps=warps_for_block(block))
     return y, rstd
 
 
@@ -94,10 +93,9 @@ def rms_norm_bwd(
     programs, rows_per_program = split_rows(n_rows, x2d.device, per_sm=2 if compute_dw else 8)
     partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2d.device)
     block = row_block(n_cols)
-    _rms_norm_bwd_kernel[(programs,)](
-        dy2d, x2d, weight, rstd, dx2d, partial,
-        dy2d.stride(0), x2d.stride(0), dx2d.stride(0), n_rows, n_cols, offset, rows_per_program,
-        CAST_LLAMA=cast_llama, COMPUTE_DW=compute_dw, INT64=int64, BLOCK_N=block,
-        num_warps=warps_for_block(block),
-    )
+    launch(_rms_norm_bwd_kernel, (programs,),
+           (dy2d, x2d, weight, rstd, dx2d, partial,
+            dy2d.stride(0), x2d.stride(0), dx2d.stride(0), n_rows, n_cols, offset, rows_per_program),
+           dict(CAST_LLAMA=cast_llama, COMPUTE_DW=compute_dw, INT64=int64, BLOCK_N=block),
+           num_warps=warps_for_block(block))
     return partial.sum(0) if compute_dw else None

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pronghorn.kernels.compiled_launch import launch
+
 
 @triton.jit
 def _rotate_heads(
@@ -114,12 +116,10 @@ def rope_launch(
     # A batch-1 cos/sin is broadcast over the batch with a zero stride.
     c_sb = cos.stride(0) if cos.shape[0] > 1 else 0
     s_sb = sin.stride(0) if sin.shape[0] > 1 else 0
-    _rope_kernel[(batch * seq_len,)](
-        q, k, q_out, k_out, cos, sin,
-        seq_len, n_q_heads, n_k_heads, half_rot, n_pass,
-        *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
-        c_sb, cos.stride(1), cos.stride(2), s_sb, sin.stride(1), sin.stride(2),
-        BACKWARD=backward, INTERLEAVED=interleaved, COPY_PASS=copy_pass, INT64=int64,
-        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(max(n_pass, 1)),
-        num_warps=4,
-    )
+    launch(_rope_kernel, (batch * seq_len,),
+           (q, k, q_out, k_out, cos, sin, seq_len, n_q_heads, n_k_heads, half_rot, n_pass,
+            *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
+            c_sb, cos.stride(1), cos.stride(2), s_sb, sin.stride(1), sin.stride(2)),
+           dict(BACKWARD=backward, INTERLEAVED=interleaved, COPY_PASS=copy_pass, INT64=int64,
+                BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=triton.next_power_of_2(max(n_pass, 1))),
+           num_warps=4)
