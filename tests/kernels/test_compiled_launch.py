@@ -90,9 +90,9 @@ def test_gpu_hot_kernels_relaunch_through_kept_launchers_with_equal_results():
         outs = [rms_norm(x, w), layer_norm(x, w), swiglu(gate, up), geglu(gate, up),
                 *apply_rope(q, k, cos, sin), fused_linear_cross_entropy(x, head, labels)]
         sum(o.float().sum() for o in outs).backward()
-        h = lora_gated_forward(gate.detach(), up.detach(), low, low, "silu")
+        h = lora_gated_forward(gate.detach(), up.detach(), low, low, "swiglu")
         dg, du = torch.empty_like(h), torch.empty_like(h)
-        lora_gated_backward(torch.ones_like(h), gate.detach(), up.detach(), dg, du, low, low, "silu")
+        lora_gated_backward(torch.ones_like(h), gate.detach(), up.detach(), dg, du, low, low, "swiglu")
         grads = [t.grad.clone() for t in (x, w, gate, up, q, k, head)]
         for t in (x, w, gate, up, q, k, head):
             t.grad = None
