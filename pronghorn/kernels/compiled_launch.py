@@ -4,10 +4,10 @@ their specialization.
 ``kernel[grid](*args)`` re-derives on every call how each argument specializes the binary (dtype,
 16-byte alignment, integers equal to 1 or divisible by 16) to look the binary up: on an H100 host that
 was 26 us per launch against 13 us for calling the compiled kernel's launcher (benchmarks/host_profile.py,
-Triton 3.6). QLoRA training dequantizes every frozen weight three times a step, ~640 launches, at a point
-where the host, not the GPU, sets the pace. :class:`CompiledLaunch` skips the lookup for a caller that
-guarantees every later call passes arguments of the same specialization: the same tensors, except
-outputs freshly allocated with the same dtype (the caching allocator aligns those to 512 bytes).
+Triton 3.6); a training step makes ~1,000 launches. :class:`CompiledLaunch` skips the lookup for a caller
+that guarantees every later call passes arguments of the same specialization (NF4 dequantization: the same
+weight, a fresh output). :func:`launch` is for every other kernel: it keeps one ``CompiledLaunch`` per key
+of its own, built from the arguments more cheaply than Triton's per-argument specialization.
 
 It relies on ``CompiledKernel.__getitem__(grid)`` returning a launcher that takes every kernel parameter
 in signature order, constexprs included (Triton 3.6 through 3.9). Where that call fails, or off CUDA
