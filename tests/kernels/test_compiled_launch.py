@@ -1,4 +1,6 @@
-"""CompiledLaunch off CUDA: under the CPU interpreter every call goes through the JIT and computes the same."""
+"""CompiledLaunch and ``launch``: off CUDA (the CPU interpreter) every call goes through the JIT and computes the
+same; ``launch`` keys its kept launchers by what can change the binary; on the GPU every hot kernel relaunches
+through a kept launcher."""
 import pytest
 import torch
 import triton
@@ -22,7 +24,6 @@ def test_repeated_launches_compute_each_time_and_fall_back_to_the_jit_off_cuda()
         launch(x, out, 10, factor)
         assert torch.equal(out, x * factor)
     assert launch.runner is None and launch.jit_only
-
 
 
 def test_launch_keys_by_alignment_dtype_and_scalar_type(monkeypatch):
