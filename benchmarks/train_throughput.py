@@ -137,8 +137,8 @@ def load_pronghorn(args, shape, model_dir, seq_len):
     from pronghorn import FastLanguageModel
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    set_stashed_layers(getattr(args, "stash_mlp_layers", 0))
-    set_residual_stash(bool(getattr(args, "stash_residual", 1)))
+    set_stashed_layers(args.stash_mlp_layers)
+    set_residual_stash(bool(args.stash_residual))
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
 
 

@@ -47,7 +47,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def load(config: str, mode: str, model_dir: Path, seq_len: int, device: str, gc: str = "unsloth", attn="sdpa"):
     """A PEFT LoRA r=32 model from one of the framework loaders of ``train_throughput``."""
-    args = argparse.Namespace(mode=mode, attn=attn, device=device, rank=32, alpha=32, gc=gc)
+    # pronghorn's experimental stashes stay off, as in train_throughput's defaults
+    args = argparse.Namespace(mode=mode, attn=attn, device=device, rank=32, alpha=32, gc=gc, stash_mlp_layers=0,
+                              stash_residual=0)
     shape = None
     if config == "hf_peft":
         return train_throughput.load_hf_peft(args, shape, model_dir)
