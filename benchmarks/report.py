@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 MODE_ORDER = {"bf16": 0, "qlora": 1}
-CONFIG_ORDER = {"hf_peft": 0, "liger": 1, "unsloth": 2, "pronghorn": 3}
+CONFIG_ORDER = {"hf_peft": 0, "hf_peft_kbit": 1, "liger": 2, "unsloth": 3, "pronghorn": 4}
+BASELINES = ("hf_peft", "hf_peft_kbit", "unsloth")
 SHOWN_VERSIONS = ["torch", "triton", "transformers", "peft", "trl", "bitsandbytes", "unsloth", "unsloth_zoo",
                   "liger-kernel", "cuda"]
 
@@ -73,10 +74,10 @@ def add_ratios(records: list) -> None:
     """Speed and memory ratios against the ``hf_peft`` and ``unsloth`` rows of the same shape/mode/batch."""
     base = {}
     for rec in records:
-        if rec["status"] == "ok" and rec["label"] in ("hf_peft", "unsloth"):
+        if rec["status"] == "ok" and rec["label"] in BASELINES:
             base[_group_key(rec) + (rec["label"],)] = rec
     for rec in records:
-        for name in ("hf_peft", "unsloth"):
+        for name in BASELINES:
             b = base.get(_group_key(rec) + (name,))
             if rec["status"] != "ok" or b is None:
                 continue
@@ -142,6 +143,11 @@ def markdown(records: list, peak: dict | None) -> str:
                 _fmt(r.get("speed_vs_hf_peft"), ".2f", "×"), _fmt(r.get("memory_vs_hf_peft"), ".2f", "×"),
                 _fmt(r.get("speed_vs_unsloth"), ".2f", "×"), _fmt(r.get("memory_vs_unsloth"), ".2f", "×"),
                 _fmt(r.get("loss0_minus_hf_peft"), "+.4f"), status]) + " |")
+        kbit = [r for r in rows if r.get("speed_vs_hf_peft_kbit") and r["config"] != "hf_peft_kbit"]
+        if kbit:
+            lines += ["", "Against hf_peft_kbit (PEFT's documented QLoRA recipe, `prepare_model_for_kbit_training`): "
+                      + "; ".join(f"{r['label']} {r['speed_vs_hf_peft_kbit']:.2f}× speed, "
+                                  f"{_fmt(r.get('memory_vs_hf_peft_kbit'), '.2f', '×')} memory" for r in kbit)]
         versions = ref.get("versions") or {}
         lines += ["", "Versions: " + ", ".join(f"{k} {versions[k]}" for k in SHOWN_VERSIONS if k in versions), ""]
     lines += [
@@ -173,7 +179,8 @@ def main(argv=None) -> int:
     add_ratios(records)
     summary_keys = ["label", "config", "mode", "shape", "batch_size", "seq_len", "status", "tokens_per_s",
                     "ms_per_step", "peak_gib", "mfu", "mfu_lora", "speed_vs_hf_peft", "memory_vs_hf_peft",
-                    "speed_vs_unsloth", "memory_vs_unsloth", "loss0_minus_hf_peft", "error"]
+                    "speed_vs_unsloth", "memory_vs_unsloth", "speed_vs_hf_peft_kbit", "memory_vs_hf_peft_kbit",
+                    "loss0_minus_hf_peft", "error"]
     results = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "peak": peak, "summary": [{k: r.get(k) for k in summary_keys} for r in records],
                "records": records}

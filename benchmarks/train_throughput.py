@@ -8,6 +8,8 @@ Unsloth and Liger patch transformers for the whole process, so every configurati
 Configurations (all train with the same plain loop, see ``train``):
 
 * ``hf_peft``   transformers ``from_pretrained`` (SDPA) + PEFT LoRA, non-reentrant gradient checkpointing
+* ``hf_peft_kbit`` QLoRA only: ``hf_peft`` plus PEFT's ``prepare_model_for_kbit_training``, the recipe PEFT's
+  QLoRA guide documents (it upcasts every non-4-bit weight, embeddings and LM head included, to fp32)
 * ``liger``     the same after Liger-Kernel's patch for the model family
 * ``unsloth``   ``unsloth.FastLanguageModel`` load + ``get_peft_model``
 * ``pronghorn`` ``pronghorn.FastLanguageModel`` load + ``get_peft_model`` (the same call signature)
@@ -29,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
-CONFIGS = ["hf_peft", "liger", "unsloth", "pronghorn"]
+CONFIGS = ["hf_peft", "hf_peft_kbit", "liger", "unsloth", "pronghorn"]
+HF_CONFIGS = ("hf_peft", "hf_peft_kbit", "liger")
 MODES = ["bf16", "qlora"]
 LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "qwen3": "apply_liger_kernel_to_qwen3",
                  "gemma2": "apply_liger_kernel_to_gemma2"}
@@ -85,13 +88,14 @@ def _bnb_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_hf_peft(args, shape, model_dir):
+def load_hf_peft(args, shape, model_dir, kbit_prep: bool = False):
     """transformers + PEFT, the reference recipe.
 
-    QLoRA skips ``prepare_model_for_kbit_training``: it upcasts norms and embeddings to fp32, which the
-    other configurations do not do; the checkpointing and input-grad hook it would add are set here.
+    QLoRA skips ``prepare_model_for_kbit_training`` unless ``kbit_prep``: it upcasts norms, embeddings and
+    the LM head to fp32, which the other configurations do not do; the checkpointing and input-grad hook it
+    would add are set here either way (non-reentrant, as for every HF row).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=torch.bfloat16, attn_implementation=args.attn, device_map={"": args.device})
@@ -99,6 +103,10 @@ def load_hf_peft(args, shape, model_dir):
         kwargs["quantization_config"] = _bnb_config()
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False
+    if kbit_prep:
+        if args.mode != "qlora":
+            raise ValueError("hf_peft_kbit is the QLoRA recipe; run it with --mode qlora")
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
@@ -289,8 +297,8 @@ def run(args) -> dict:
     model_dir = Path(args.model_dir or f"/dev/shm/pronghorn-bench/{shape.name}")
     args.attn = args.attn or shape.hf_attn
     record = dict(kind="train_throughput", config=args.config, shape=shape.name, mode=args.mode,
-                  gradient_checkpointing=("non-reentrant" if args.config in ("hf_peft", "liger") else args.gc),
-                  attn_implementation=(args.attn if args.config in ("hf_peft", "liger") else "library default"),
+                  gradient_checkpointing=("non-reentrant" if args.config in HF_CONFIGS else args.gc),
+                  attn_implementation=(args.attn if args.config in HF_CONFIGS else "library default"),
                   stash_mlp_layers=args.stash_mlp_layers if args.config == "pronghorn" else None,
                   stash_residual=bool(args.stash_residual) if args.config == "pronghorn" else None,
                   batches=args.batches,
@@ -312,7 +320,7 @@ def run(args) -> dict:
         elif args.config == "liger":
             model = load_liger(args, shape, model_dir)
         else:
-            model = load_hf_peft(args, shape, model_dir)
+            model = load_hf_peft(args, shape, model_dir, kbit_prep=args.config == "hf_peft_kbit")
         _sync(args.device)
         record.update(status="loaded", load_s=time.perf_counter() - t0, versions=common.package_versions())
         if args.device.startswith("cuda"):
