@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from pronghorn.kernels.dequant import handoff as dequant_handoff
 from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash, next_layer_stash
 
@@ -344,25 +345,32 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
             if isinstance(a, torch.Tensor):
                 a = a.detach().requires_grad_(ctx.input_needs_grad[i])
             inputs.append(a)
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None):
-            if ctx.rng is not None:
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast), backward_recompute(), \
-                    active_stash(record.stash):
-                outputs = ctx.run_function(*inputs)
-        outputs = (outputs,) if ctx.single else outputs
-        pairs = [
-            (o, g) for o, g in zip(outputs, grad_outputs)
-            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
-        ]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        with dequant_handoff.recompute_to_backward() as handoff:  # 4-bit weights: dequantized once for both
+            outputs = _recompute(ctx, inputs)
+            handoff.collecting = False
+            pairs = [
+                (o, g) for o, g in zip(outputs, grad_outputs)
+                if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+            ]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.record = ctx.others = ctx.run_function = None
         grads = tuple(a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in inputs)
         return (None, None, None, None, *grads)
+
+
+def _recompute(ctx, inputs: list) -> tuple:
+    """The layer's forward again, under the RNG state, autocast and stash of its first run."""
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None):
+        if ctx.rng is not None:
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+        with torch.enable_grad(), torch.autocast(**ctx.autocast), backward_recompute(), \
+                active_stash(ctx.record.stash):
+            outputs = ctx.run_function(*inputs)
+    return (outputs,) if ctx.single else outputs
 
 
 def offloaded_checkpoint(function: Callable, *args, use_reentrant: bool | None = None, **kwargs):

@@ -374,9 +374,16 @@ def test_under_activation_checkpointing(reentrant):
     _compare(_run(fused, x, mlp), _run(mlp, x, mlp), torch.float32)
 
 
+@pytest.mark.parametrize("down_a_trains", [True, False])
 @pytest.mark.parametrize("fused_gate_up", [False, True])
-def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up):
-    """The backward-recompute mode returns zeros (no down GEMM) yet gives the normal path's gradients."""
+def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up, down_a_trains, monkeypatch):
+    """The backward-recompute mode returns zeros (no down GEMM, no gated activation: backward makes h once, for
+    down's A and B grads) yet gives the normal path's gradients."""
+    import pronghorn.kernels.lora.mlp as mlp_module
+
+    activations = []
+    real_gated_forward = mlp_module.gated_forward
+    monkeypatch.setattr(mlp_module, "gated_forward", lambda *a: activations.append(1) or real_gated_forward(*a))
     g = torch.Generator().manual_seed(3)
 
     def parts(out, inp, r):
@@ -388,6 +395,7 @@ def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up):
     ps = [p for p in (gate, up, down) if p is not None]
     holder = nn.Module()
     holder.params = nn.ParameterList([nn.Parameter(t.clone()) for p in ps for t in (p.A, p.B)])
+    holder.params[-2].requires_grad_(down_a_trains)
     ps = [p._replace(A=holder.params[2 * i], B=holder.params[2 * i + 1]) for i, p in enumerate(ps)]
     gate, up, down = (ps[0], None, ps[1]) if fused_gate_up else ps
     x = torch.randn(2, 3, 24, generator=g)
@@ -395,14 +403,16 @@ def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up):
 
     def grads(output_unused):
         holder.zero_grad(set_to_none=True)
+        activations.clear()
         xi = x.clone().requires_grad_()
         y = lora_mlp(xi, gate, up, down, fused_gate_up=fused_gate_up, output_unused=output_unused)
         y.backward(dy)
-        return y.detach(), [xi.grad] + [p.grad.clone() for p in holder.params]
+        return y.detach(), [xi.grad] + [p.grad.clone() for p in holder.params if p.requires_grad], len(activations)
 
-    y_full, want = grads(False)
-    y_skip, got = grads(True)
+    y_full, want, full_calls = grads(False)
+    y_skip, got, skip_calls = grads(True)
     assert y_skip.shape == y_full.shape and not y_skip.any()
+    assert (full_calls, skip_calls) == (2 if down_a_trains else 1, 1)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import handoff
 from .function import dequantize_nf4
 
 # bitsandbytes' int8 row scales map to [-127, 127]; it multiplies by this reciprocal rather than dividing.
@@ -43,7 +44,24 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         weight: an ``nn.Linear``'s weight: a float tensor, a ``Params4bit`` (NF4 goes through
             :func:`dequantize_nf4`; FP4 through bitsandbytes) or an ``Int8Params`` with ``SCB`` scales.
         dtype: the dtype to return. A float weight already in ``dtype`` is returned as is (no copy).
+
+    Inside a layer's recompute-to-backward handoff (:mod:`.handoff`) a quantized weight is dequantized once
+    for the recompute and its backward.
     """
+    if not is_quantized(weight):
+        if not weight.is_floating_point():
+            raise TypeError(f"cannot make a dense weight from a {weight.dtype} tensor without quantization state "
+                            "(expected a float tensor, a bitsandbytes Params4bit with quant_state, or Int8Params "
+                            "with SCB)")
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    dense = handoff.take(weight, dtype)  # made by this layer's backward recompute (see handoff)
+    if dense is None:
+        dense = _dequantize(weight, dtype)
+        handoff.offer(weight, dtype, dense)
+    return dense
+
+
+def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     state = _four_bit_state(weight)
     if state is not None:
         if state.quant_type == "nf4":
@@ -55,13 +73,7 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as bnb_f  # a 4-bit state exists, so bitsandbytes is installed
 
         return bnb_f.dequantize_4bit(weight.data, state).to(dtype)
-    scb = _int8_scales(weight)
-    if scb is not None:
-        return (weight.data.float() * scb.float().reshape(-1, 1) * _INV_127).to(dtype)
-    if not weight.is_floating_point():
-        raise TypeError(f"cannot make a dense weight from a {weight.dtype} tensor without quantization state "
-                        "(expected a float tensor, a bitsandbytes Params4bit with quant_state, or Int8Params with SCB)")
-    return weight if weight.dtype == dtype else weight.to(dtype)
+    return (weight.data.float() * _int8_scales(weight).float().reshape(-1, 1) * _INV_127).to(dtype)
 
 
 def weight_of(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:

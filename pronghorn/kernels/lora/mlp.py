@@ -6,7 +6,9 @@ a read and a write of each ``[N, I]`` output per pass. Below, ``g``/``u`` are th
 
 Saved for backward: ``x`` (only if a gate/up ``A`` trains), the base gate and up outputs (or Phi-3's
 single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
-saved: backward recomputes it from ``g``/``u`` (one elementwise pass) only where ``dA_down`` needs it.
+saved: backward recomputes it from ``g``/``u`` (one elementwise pass) only where down's LoRA grads need it.
+A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
+``h A^T``, which backward then makes from its own ``h``.
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
 two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
 
@@ -51,14 +53,14 @@ class LoraMLPFunction(torch.autograd.Function):
         outs = [t if t is not None else next(computed) for t in taken]
         if stash is not None and stash.sink is not None:
             stash.sink(outs)
-        g, u = _split(outs, fused_gate_up)
-        h = gated_forward(g, u, activation, _low_ranks(in_parts, xas, fused_gate_up, dtype))
-        if output_unused:
-            # A backward recompute: only down's backward inputs are needed, not the [N, hidden] output.
-            y, ha = None, h @ cast_cache.cast(down.A, dtype).t() if down.A is not None else None
-        else:
+        y = ha = None
+        if not output_unused:
+            # In a backward recompute (output_unused) neither h nor down's h A^T is made here: the output is
+            # never read, and backward makes h for down's LoRA grads anyway, so it makes h A^T from that.
+            g, u = _split(outs, fused_gate_up)
+            h = gated_forward(g, u, activation, _low_ranks(in_parts, xas, fused_gate_up, dtype))
             (y,), (ha,) = forward_shared(h, [down], dtype)
-        del h
+            del h
         needs = ctx.needs_input_grad[6:]  # after x, activation, fused_gate_up, output_unused, stash, scales
         need_a = [needs[i * PER_PROJ + 1] for i in range(len(parts))]
         need_b = [needs[i * PER_PROJ + 2] for i in range(len(parts))]
@@ -96,7 +98,10 @@ class LoraMLPFunction(torch.autograd.Function):
 
         # down's LoRA grads first, with h recomputed and dropped before dh is allocated
         if need_a[-1] or need_b[-1]:
-            h = gated_forward(g, u, ctx.activation, low) if need_a[-1] else None
+            make_ha = need_b[-1] and ha is None  # forward was a recompute that left h A^T to here
+            h = gated_forward(g, u, ctx.activation, low) if need_a[-1] or make_ha else None
+            if make_ha:
+                ha = h @ cast_cache.cast(down.A, dtype).t()
             _, d_as_down, d_bs_down = backward_shared(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]])
             del h
         else:

@@ -1,0 +1,52 @@
+"""Dense copies of quantized base weights handed from a checkpointed layer's recompute to its backward.
+
+A 4-bit layer recomputed inside backward dequantizes its q/k/v/o/gate/up weights for the recompute's GEMMs,
+and its backward then dequantizes the same weights again for the input-gradient GEMMs. Nothing changes a
+frozen weight between the two, so inside :func:`recompute_to_backward` the dense copies made while
+``collecting`` are kept, and each is handed out once more (to backward) and dropped: a Llama layer then
+dequantizes 7 weights per step in backward instead of 13. The copies live from the recompute to their use in
+the same layer's backward, about 0.3 GiB at a time for an 8B Llama.
+
+The state is one module global, like :mod:`pronghorn.kernels.lora.cast_cache`: the autograd engine may run a
+backward on another thread than the forward that opened the scope.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class _Handoff:
+    def __init__(self):
+        self.kept: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.collecting = True
+
+
+_current: _Handoff | None = None
+
+
+@contextlib.contextmanager
+def recompute_to_backward():
+    """Within: dense weights made while the yielded handoff is ``collecting`` (set it to False once the
+    recompute is done) are kept and returned by the next :func:`take` of the same weight and dtype."""
+    global _current
+    previous, _current = _current, _Handoff()
+    try:
+        yield _current
+    finally:
+        _current.kept.clear()
+        _current = previous
+
+
+def take(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The kept dense copy of ``weight`` in ``dtype``, removed from the handoff; None if there is none."""
+    if _current is None:
+        return None
+    return _current.kept.pop((id(weight), dtype), None)
+
+
+def offer(weight: torch.Tensor, dtype: torch.dtype, dense: torch.Tensor) -> None:
+    """Keep ``dense`` (``weight`` made dense in ``dtype``) for one later :func:`take`, while collecting."""
+    if _current is not None and _current.collecting:
+        _current.kept[(id(weight), dtype)] = dense
