@@ -27,6 +27,16 @@ def test_kept_only_while_collecting_and_handed_out_once():
         assert handoff.take(w, torch.float32) is None  # a scope starts empty and drops what it kept
 
 
+def test_keeps_copies_in_order_until_the_byte_budget_is_spent(monkeypatch):
+    monkeypatch.setattr(handoff, "KEEP_BYTES", 100)
+    ws = [torch.empty(1) for _ in range(3)]
+    with handoff.recompute_to_backward():
+        handoff.offer(ws[0], torch.float32, torch.zeros(20))  # 80 bytes
+        handoff.offer(ws[1], torch.float32, torch.zeros(10))  # 40 more: over the budget, not kept
+        handoff.offer(ws[2], torch.float32, torch.zeros(5))  # 20 more: fits
+        assert [handoff.take(w, torch.float32) is not None for w in ws] == [True, False, True]
+
+
 def test_offloaded_layer_dequantizes_each_weight_once_for_recompute_and_backward(monkeypatch):
     """An NF4 MLP under offloaded checkpointing: the recompute's dense weights serve its backward (3 dequantizations
     fewer than recompute + backward each making their own), and the gradients are those without checkpointing."""

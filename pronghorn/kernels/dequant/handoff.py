@@ -3,9 +3,13 @@
 A 4-bit layer recomputed inside backward dequantizes its q/k/v/o/gate/up weights for the recompute's GEMMs,
 and its backward then dequantizes the same weights again for the input-gradient GEMMs. Nothing changes a
 frozen weight between the two, so inside :func:`recompute_to_backward` the dense copies made while
-``collecting`` are kept, and each is handed out once more (to backward) and dropped: a Llama layer then
-dequantizes 7 weights per step in backward instead of 13. The copies live from the recompute to their use in
-the same layer's backward, about 0.3 GiB at a time for an 8B Llama.
+``collecting`` are kept, up to :data:`KEEP_BYTES` per layer in the order they were made, and each is handed
+out once more (to backward) and dropped.
+
+The copies are alive during the layer's MLP backward, where a QLoRA step peaks, so every kept byte adds to
+peak memory. Measured on an H100 with an 8B Llama (benchmarks/results/2026-11-22-llama-3.1-8b-dequant-handoff-ab.md):
+keeping all six (0.3 GiB) made the QLoRA step 20 ms shorter and its peak 0.30 GiB higher, past Unsloth's;
+the budget keeps the attention weights (q/k/v/o, 80 MiB there) and lets gate/up be dequantized again.
 
 The state is one module global, like :mod:`pronghorn.kernels.lora.cast_cache`: the autograd engine may run a
 backward on another thread than the forward that opened the scope.
@@ -17,10 +21,14 @@ import contextlib
 import torch
 
 
+KEEP_BYTES = 128 * 2**20
+
+
 class _Handoff:
     def __init__(self):
         self.kept: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self.collecting = True
+        self.room = KEEP_BYTES
 
 
 _current: _Handoff | None = None
@@ -47,6 +55,11 @@ def take(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def offer(weight: torch.Tensor, dtype: torch.dtype, dense: torch.Tensor) -> None:
-    """Keep ``dense`` (``weight`` made dense in ``dtype``) for one later :func:`take`, while collecting."""
-    if _current is not None and _current.collecting:
+    """Keep ``dense`` (``weight`` made dense in ``dtype``) for one later :func:`take`, while collecting and while
+    it fits in what is left of :data:`KEEP_BYTES`."""
+    if _current is None or not _current.collecting:
+        return
+    size = dense.numel() * dense.element_size()
+    if size <= _current.room:
         _current.kept[(id(weight), dtype)] = dense
+        _current.room -= size
