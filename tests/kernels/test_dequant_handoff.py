@@ -1,6 +1,7 @@
 """Dense copies of 4-bit weights handed from a checkpointed layer's recompute to its backward (dequant.handoff)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pronghorn.kernels.dequant import handoff, weights
@@ -37,18 +38,20 @@ def test_keeps_copies_in_order_until_the_byte_budget_is_spent(monkeypatch):
         assert [handoff.take(w, torch.float32) is not None for w in ws] == [True, False, True]
 
 
-def test_offloaded_layer_dequantizes_each_weight_once_for_recompute_and_backward(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_offloaded_layer_dequantizes_each_weight_once_for_recompute_and_backward(device, monkeypatch):
     """An NF4 MLP under offloaded checkpointing: the recompute's dense weights serve its backward (3 dequantizations
-    fewer than recompute + backward each making their own), and the gradients are those without checkpointing."""
+    fewer than recompute + backward each making their own), and the gradients are those without checkpointing.
+    On CUDA the autograd engine runs backward on its own thread and the layer input goes through host memory."""
     calls = []
     dequantize = weights._dequantize
     monkeypatch.setattr(weights, "_dequantize", lambda w, dtype: calls.append(id(w)) or dequantize(w, dtype))
-    mlp = _nf4_mlp(64, 128, torch.float32)
+    mlp = _nf4_mlp(64, 128, torch.float32, device=device)
 
     def fused(t):
         return fused_mlp_forward(mlp, t, "swiglu", fallback=lambda _: None)
 
-    x = _x((2, 5, 64), torch.float32)
+    x = _x((2, 5, 64), torch.float32).to(device)
     plain = _run(fused, x, mlp)
     assert len(calls) == 6  # forward: gate, up, down; backward: down (dh), gate and up (dx)
     calls.clear()
