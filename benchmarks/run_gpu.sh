@@ -12,7 +12,8 @@
 # Options (defaults in brackets):
 #   --shape NAME            llama-3.1-8b | qwen3-8b | gemma-2-9b | tiny | tiny-qwen3 | tiny-gemma2 (required)
 #   --modes LIST            comma-separated bf16,qlora [bf16,qlora]
-#   --configs LIST          comma-separated hf_peft,liger,unsloth,pronghorn [hf_peft,unsloth,pronghorn,liger];
+#   --configs LIST          comma-separated hf_peft,hf_peft_kbit (QLoRA only),liger,unsloth,pronghorn
+#                           [hf_peft,unsloth,pronghorn,liger];
 #                           suffixes: +stashN the experimental MLP stash over the first N layers (pronghorn),
 #                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
 #                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=1; shift ;;
     --model-root) MODEL_ROOT=$2; shift 2 ;;
     --out) OUTDIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
