@@ -23,18 +23,7 @@ import common  # noqa: E402
 
 
 def device_ms(fn, iters: int, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+    return statistics.median(common.time_ms(fn, "cuda", warmup=1, iters=iters) for _ in range(repeats))
 
 
 def group_cases(tokens: int, hidden: int, widths: list[int]) -> dict:
