@@ -8,8 +8,9 @@ out once more (to backward) and dropped.
 
 The copies are alive during the layer's MLP backward, where a QLoRA step peaks, so every kept byte adds to
 peak memory. Measured on an H100 with an 8B Llama (benchmarks/results/2026-11-22-llama-3.1-8b-dequant-handoff-ab.md):
-keeping all six (0.3 GiB) made the QLoRA step 20 ms shorter and its peak 0.30 GiB higher, past Unsloth's;
-the budget keeps the attention weights (q/k/v/o, 80 MiB there) and lets gate/up be dequantized again.
+keeping all six (0.3 GiB) made the QLoRA median step about 17 ms shorter (20 ms together with a 3 ms MLP
+change measured alongside) and its peak 0.30 GiB higher, past Unsloth's. The budget keeps the attention weights
+(q/k/v/o, 80 MiB there; 3 ms, +0.08 GiB) and lets gate/up be dequantized again.
 
 The state is one module global, like :mod:`pronghorn.kernels.lora.cast_cache`: the autograd engine may run a
 backward on another thread than the forward that opened the scope.
@@ -25,6 +26,8 @@ KEEP_BYTES = 128 * 2**20
 
 
 class _Handoff:
+    """One layer's kept copies, by (weight id, dtype), and the bytes still free in its budget."""
+
     def __init__(self):
         self.kept: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self.collecting = True
