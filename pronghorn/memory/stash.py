@@ -11,8 +11,8 @@ other direction's stream in backward, one layer ahead, like the layer inputs the
   ``x A^T``, and the norm reads the parked ``h1`` (bit-identical to the value forward computed) while
   gradients still flow through the recomputed ``x + o`` graph. ``tokens x hidden`` values, 32 MB per layer of
   an 8B Llama at 2 x 2048 tokens. Measured on an H100 (benchmarks/results/2026-11-22-llama-3.1-8b-residual-stash.md):
-  no faster in bf16 and slower in QLoRA, because the step is bound by the host, not the GPU, and the compute
-  stream then also waits on copies (its idle time while copies ran: 89 vs 28 ms over two steps).
+  no faster in bf16 and slower in QLoRA: the compute stream then waits on the copies (its idle time while
+  copies ran: 89 vs 28 ms over two steps).
   :func:`set_residual_stash` (or ``PRONGHORN_STASH_RESIDUAL=1``) turns it on.
 - ``"mlp"`` (experimental, off): the MLP gate output (117 MB per layer, or Phi-3's fused ``gate_up``), so the
   recompute skips the gate GEMM. Measured on an H100 with an 8B model

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pronghorn.kernels.lora import LoraParts, lora_linear, lora_mlp, lora_o, lora_qkv, lora_qkv_fused
+from pronghorn.kernels.lora import LoraParts, lora_linear, lora_mlp, lora_qkv, lora_qkv_fused
 from pronghorn.kernels.lora.cast_cache import begin_step, end_steps
 
 __all__ = ["LoraParts", "activation_of", "begin_step", "end_steps", "fused_linear_forward", "fused_mlp_forward",
@@ -198,24 +198,19 @@ def fused_qkv_forward(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     return lora_qkv(x, *parts)
 
 
-def fused_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fused_linear_forward(module: nn.Module, x: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
     """``module(x)`` through :func:`lora_linear` when :func:`lora_parts` applies, else the module's forward.
 
-    Do not bind this as ``module.forward`` of the same module: the fallback calls ``module(x)``.
+    ``output_unused``: passed to :func:`lora_linear` (a backward recompute skips the GEMM and returns zeros);
+    a module without a fused path computes its output anyway. Do not bind this as ``module.forward`` of the
+    same module: the fallback calls ``module(x)``.
     """
     parts = lora_parts(module)
     if parts is None:
         return module(x)
-    return lora_linear(x, *parts)
+    return lora_linear(x, *parts, output_unused=output_unused)
 
 
 def fused_o_forward(attn: nn.Module, x: torch.Tensor, output_unused: bool = False) -> torch.Tensor:
-    """The attention output projection ``o_proj(x)`` (Llama-style naming), fused where possible.
-
-    ``output_unused``: passed to :func:`lora_o` (a backward recompute skips the GEMM and returns zeros);
-    an o_proj without a fused path computes its output anyway.
-    """
-    parts = lora_parts(attn.o_proj)
-    if parts is None:
-        return attn.o_proj(x)
-    return lora_o(x, parts, output_unused=output_unused)
+    """The attention output projection ``o_proj(x)`` (Llama-style naming), fused where possible."""
+    return fused_linear_forward(attn.o_proj, x, output_unused)

@@ -68,7 +68,7 @@ def _apply_shared(x, parts, output_unused=False):
 
 
 def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor | None = None, B: torch.Tensor | None = None,
-                scale: float = 1.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+                scale: float = 1.0, bias: torch.Tensor | None = None, *, output_unused: bool = False) -> torch.Tensor:
     """``x W^T + bias + scale * (x A^T) B^T`` with a hand-written backward (dX, dA, dB only).
 
     Args:
@@ -78,8 +78,10 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor | None = None,
         A: LoRA ``[r, in]`` or None; B: LoRA ``[out, r]`` or None. None/None is a plain frozen linear.
         scale: LoRA scaling (``lora_alpha / r``).
         bias: frozen bias ``[out]`` or None.
+        output_unused: the caller only backpropagates through the result (a backward recompute); the base
+            GEMM is skipped and zeros are returned (see :class:`LoraSharedInputFunction`).
     """
-    return _apply_shared(x, [LoraParts(W, A, B, scale, bias)])[0]
+    return _apply_shared(x, [LoraParts(W, A, B, scale, bias)], output_unused)[0]
 
 
 def lora_o(x: torch.Tensor, o, output_unused: bool = False) -> torch.Tensor:

@@ -10,7 +10,8 @@ class LoraParts(NamedTuple):
     """One projection ``y = x W^T + bias + scale * (x A^T) B^T``.
 
     weight: the frozen base weight ``[out, in]``: a float tensor, or a bitsandbytes ``Params4bit`` /
-        ``Int8Params`` (dequantized on the fly in forward and again in backward, never stored dense).
+        ``Int8Params`` (dequantized on the fly in forward and again in backward; a dense copy lives at most from
+        a layer's backward recompute to that layer's backward, see :mod:`pronghorn.kernels.dequant.handoff`).
     A: LoRA down-projection ``[r, in]`` or None (plain linear).
     B: LoRA up-projection ``[out, r]`` or None (together with A).
     scale: ``lora_alpha / r`` (or PEFT's ``scaling[adapter]``).
