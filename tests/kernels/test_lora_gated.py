@@ -64,6 +64,24 @@ def test_one_side_without_lora(sides):
     assert_close(u, du)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sides", ["both", "none"])
+@pytest.mark.parametrize("rows,cols,rank", [(5, 37, 8), (33, 70, 32)])
+def test_backward_adds_the_factored_share_of_dh(dtype, sides, rows, cols, rank):
+    # The fused MLP passes down's LoRA share of dh as t [N, r] and A_d [r, I], its B being the strided A_d^T.
+    g, u, dh, low_g, low_u = _case(rows, cols, rank, dtype, sides="both" if sides == "both" else "neither", seed=7)
+    gen = torch.Generator().manual_seed(8)
+    a_down = _randn(gen, rank, cols, scale=0.3, dtype=dtype)
+    low_dh = LowRank(_randn(gen, rows, rank, dtype=dtype), a_down.t(), 1.0)
+    dh_before = dh.clone()
+    want_dg, want_du = _autograd_reference(g, u, dh.float() + low_dh.dense(), low_g, low_u, "swiglu")
+    scale = 4.0 if dtype == torch.float32 else 1.0
+    lora_gated_backward(dh, g, u, g, u, low_g, low_u, "swiglu", low_dh=low_dh)
+    assert_close(g, want_dg.to(dtype), dtype, scale)
+    assert_close(u, want_du.to(dtype), dtype, scale)
+    assert torch.equal(dh, dh_before)
+
+
 def test_zero_lora_term_equals_plain_activation():
     from pronghorn.kernels.swiglu import swiglu_reference
 
@@ -103,8 +121,10 @@ def test_large_shape_on_gpu(dtype):
     g, u, dh, low_g, low_u = _case(2048, 14336, 32, dtype)
     assert_close(lora_gated_forward(g, u, low_g, low_u, "swiglu"), lora_gated_reference(g, u, low_g, low_u, "swiglu"),
                  dtype)
-    want = _autograd_reference(g, u, dh, low_g, low_u, "swiglu")
-    lora_gated_backward(dh, g, u, g, u, low_g, low_u, "swiglu")
+    gen = torch.Generator().manual_seed(9)
+    low_dh = LowRank(_randn(gen, 2048, 32, dtype=dtype), _randn(gen, 32, 14336, scale=0.3, dtype=dtype).t(), 1.0)
+    want = _autograd_reference(g, u, dh.float() + low_dh.dense(), low_g, low_u, "swiglu")
+    lora_gated_backward(dh, g, u, g, u, low_g, low_u, "swiglu", low_dh=low_dh)
     assert_close(g, want[0].to(dtype), dtype)
     assert_close(u, want[1].to(dtype), dtype)
 

@@ -59,17 +59,19 @@ def gated_forward(g: torch.Tensor, u: torch.Tensor, activation: str,
 
 
 def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str,
-                    low: tuple[LowRank | None, LowRank | None] = NO_LOW_RANK) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dL/dg, dL/du)`` for ``h = act(g + low[0]) * (u + low[1])``, written over ``g`` and ``u`` (which are
+                    low: tuple[LowRank | None, LowRank | None] = NO_LOW_RANK,
+                    low_dh: LowRank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dg, dL/du)`` for ``h = act(g + low[0]) * (u + low[1])`` and upstream gradient ``dh + low_dh``
+    (``low_dh``: the down projection's LoRA share, kept factored), written over ``g`` and ``u`` (which are
     returned); these are also the gradients of the LoRA terms' outputs.
 
-    The caller must own ``g``/``u`` (no other autograd node saved them): they are destroyed.
+    The caller must own ``g``/``u`` (no other autograd node saved them): they are destroyed; ``dh`` is only read.
     """
-    if use_triton(dh, g, u, *_low_tensors(low)) and g.numel() > 0:
-        if _has_low(low):
+    if use_triton(dh, g, u, *_low_tensors((*low, low_dh))) and g.numel() > 0:
+        if _has_low((*low, low_dh)):
             from ..lora_gated.triton import lora_gated_backward
 
-            lora_gated_backward(dh, g, u, g, u, *low, activation)
+            lora_gated_backward(dh, g, u, g, u, *low, activation, low_dh=low_dh)
         elif activation == "swiglu":
             from ..swiglu.triton import swiglu_backward
 
@@ -79,7 +81,7 @@ def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activati
 
             geglu_backward(dh, g, u, g, u, activation == "geglu_tanh")
         return g, u
-    dg, du = lora_gated_backward_reference(dh, g, u, *low, activation)
+    dg, du = lora_gated_backward_reference(dh, g, u, *low, activation, low_dh)
     g.copy_(dg)
     u.copy_(du)
     return g, u

@@ -14,7 +14,8 @@ two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``)
 
 Backward, with ``dy`` upstream:
 
-* ``dh = dy W_d + s_d (dy B_d) A_d``, plus ``dA_d``/``dB_d`` as in :mod:`.projection`;
+* ``dh = dy W_d + s_d (dy B_d) A_d``, plus ``dA_d``/``dB_d`` as in :mod:`.projection`; the GEMM writes
+  ``dy W_d`` and the low-rank share stays factored until the activation backward adds it;
 * ``dg = dh * u * act'(g)``, ``du = dh * act(g)``, written over ``g``/``u`` in place (so this graph can be
   walked backward once only);
 * ``dx`` and the gate/up LoRA grads from ``dg``/``du`` as for any shared-input projection.
@@ -31,8 +32,8 @@ from ..lora_gated.reference import LowRank
 from .activation import NO_LOW_RANK, check_activation, gated_backward_, gated_forward
 from .parts import as_parts
 from .projection import (
-    PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs, project,
-    unflat_parts,
+    PER_PROJ, backward_shared, cast_to, compute_dtype, factor_grads, flat_parts, forward_shared, grads_out,
+    input_grad, lora_inputs, project, unflat_parts,
 )
 
 
@@ -96,22 +97,24 @@ class LoraMLPFunction(torch.autograd.Function):
         g, u = _split(outs, ctx.fused)
         low = _low_ranks(in_parts, xas, ctx.fused, dtype)
 
-        # down's LoRA grads first, with h recomputed and dropped before dh is allocated
-        if need_a[-1] or need_b[-1]:
+        need_in = ctx.needs_input_grad[0] or any(need_a[:-1]) or any(need_b[:-1])
+        # down's LoRA grads first, with h recomputed and dropped before dh is allocated. Its factor
+        # t = s dy B_d also carries down's share of dh, which the activation backward adds tile by tile.
+        d_as_down, d_bs_down, t_down = [None], [None], {}
+        if need_a[-1] or need_b[-1] or need_in:
             make_ha = need_b[-1] and ha is None  # forward was a recompute that left h A^T to here
             h = gated_forward(g, u, ctx.activation, low) if need_a[-1] or make_ha else None
             if make_ha:
                 ha = h @ cast_cache.cast(down.A, dtype).t()
-            _, d_as_down, d_bs_down = backward_shared(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]])
+            d_as_down, d_bs_down, t_down = factor_grads(h, [ha], [down], [dy2], dtype, need_in, [need_a[-1]],
+                                                        [need_b[-1]])
             del h
-        else:
-            d_as_down, d_bs_down = [None], [None]
 
-        need_in = ctx.needs_input_grad[0] or any(need_a[:-1]) or any(need_b[:-1])
         dx, d_as, d_bs = None, [None] * n_in, [None] * n_in
         if need_in:
-            dh, _, _ = backward_shared(None, [ha], [down], [dy2], dtype, True, [False], [False])
-            gated_backward_(dh, g, u, ctx.activation, low)  # g, u now hold dL/dg, dL/du
+            dh = input_grad([down], [dy2], {}, dtype)  # dy W_d alone
+            low_dh = LowRank(t_down[0], cast_cache.cast(down.A, dtype).t(), 1.0) if t_down else None
+            gated_backward_(dh, g, u, ctx.activation, low, low_dh)  # g, u now hold dL/dg, dL/du
             del dh
             dx, d_as, d_bs = backward_shared(x2, xas, in_parts, outs, dtype, ctx.needs_input_grad[0],
                                              need_a[:-1], need_b[:-1])

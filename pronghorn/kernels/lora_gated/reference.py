@@ -47,8 +47,9 @@ def lora_gated_reference(g, u, low_g: LowRank | None, low_u: LowRank | None, act
 
 
 def lora_gated_backward_reference(dh, g, u, low_g: LowRank | None, low_u: LowRank | None,
-                                  activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dL/dg, dL/du)`` (equal to the gradients of the corrected gate/up), float32 math, rounded once."""
+                                  activation: str, low_dh: LowRank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dg, dL/du)`` (equal to the gradients of the corrected gate/up) for upstream ``dh + low_dh``,
+    float32 math, rounded once."""
     act, grad = act_and_grad_fp32(corrected(g, low_g), activation)
-    dh32 = dh.float()
+    dh32 = corrected(dh, low_dh)
     return (dh32 * corrected(u, low_u) * grad).to(g.dtype), (dh32 * act).to(u.dtype)

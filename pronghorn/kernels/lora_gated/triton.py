@@ -5,10 +5,15 @@ Each program owns a [ROWS, BLOCK] tile of ``g``/``u``; the LoRA term of the tile
 ``(ROWS + BLOCK) * r`` elements per tile (L2-resident: ``B`` is at most a few MB) against the
 ``3 * ROWS * BLOCK`` the activation moves anyway. All math is fp32; results are rounded once.
 
+Backward can take a third low-rank term, the down projection's share of ``dh`` (``s (dy B_d) A_d``,
+with ``A_d^T`` as its ``B``, any strides): ``dh`` then arrives without it and is never rewritten.
+
 The dot runs in the inputs' 16-bit dtype with an fp32 accumulator. fp32 inputs, and every input
 under the CPU interpreter (whose bf16 ``tl.dot`` is wrong), are multiplied in IEEE fp32 instead.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,11 +37,12 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _factor_b(b_ptr, cols, n_cols, rank, b_stride, HAS: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr):
+def _factor_b(b_ptr, cols, n_cols, rank, b_stride, b_kstride, HAS: tl.constexpr, R: tl.constexpr,
+              IEEE: tl.constexpr):
     """``B[cols]^T`` as an [R, BLOCK] tile (``R``: the rank padded to a power of two >= 16), loaded once per program."""
     k = tl.arange(0, R)[:, None]
     if HAS:
-        bt = tl.load(b_ptr + cols * b_stride + k, mask=(cols < n_cols) & (k < rank), other=0.0)
+        bt = tl.load(b_ptr + cols * b_stride + k * b_kstride, mask=(cols < n_cols) & (k < rank), other=0.0)
     else:
         bt = tl.zeros([R, cols.shape[1]], dtype=tl.float32)
     if IEEE:
@@ -62,13 +68,13 @@ def _load_corrected(t_ptr, t_stride, xa_ptr, bt, rows, cols, mask, n_rows, rank,
 @triton.jit
 def _lora_gated_fwd_kernel(
     g_ptr, u_ptr, h_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, n_rows, n_cols, rank_g, rank_u,
-    g_stride, u_stride, h_stride, xg_stride, bg_stride, xu_stride, bu_stride, scale_g, scale_u,
-    ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
-    IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    g_stride, u_stride, h_stride, xg_stride, bg_stride, bg_kstride, xu_stride, bu_stride, bu_kstride,
+    scale_g, scale_u, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
+    RU: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
-    bt_g = _factor_b(bg_ptr, cols, n_cols, rank_g, bg_stride, HAS_G, RG, IEEE)
-    bt_u = _factor_b(bu_ptr, cols, n_cols, rank_u, bu_stride, HAS_U, RU, IEEE)
+    bt_g = _factor_b(bg_ptr, cols, n_cols, rank_g, bg_stride, bg_kstride, HAS_G, RG, IEEE)
+    bt_u = _factor_b(bu_ptr, cols, n_cols, rank_u, bu_stride, bu_kstride, HAS_U, RU, IEEE)
     g = _load_corrected(g_ptr, g_stride, xg_ptr, bt_g, rows, cols, mask, n_rows, rank_g, xg_stride, scale_g,
                         HAS_G, RG, IEEE)
     u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
@@ -79,16 +85,19 @@ def _lora_gated_fwd_kernel(
 
 @triton.jit
 def _lora_gated_bwd_kernel(
-    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, n_rows, n_cols, rank_g, rank_u,
-    dh_stride, g_stride, u_stride, dg_stride, du_stride, xg_stride, bg_stride, xu_stride, bu_stride,
-    scale_g, scale_u, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
-    RU: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, xd_ptr, bd_ptr, n_rows, n_cols,
+    rank_g, rank_u, rank_d, dh_stride, g_stride, u_stride, dg_stride, du_stride, xg_stride, bg_stride, bg_kstride,
+    xu_stride, bu_stride, bu_kstride, xd_stride, bd_stride, bd_kstride, scale_g, scale_u, scale_d,
+    ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr, RG: tl.constexpr,
+    RU: tl.constexpr, RD: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # dg/du may alias g/u (in-place backward): each element is read before it is written, by one program.
     rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
-    bt_g = _factor_b(bg_ptr, cols, n_cols, rank_g, bg_stride, HAS_G, RG, IEEE)
-    bt_u = _factor_b(bu_ptr, cols, n_cols, rank_u, bu_stride, HAS_U, RU, IEEE)
-    dh = tl.load(dh_ptr + rows * dh_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    bt_g = _factor_b(bg_ptr, cols, n_cols, rank_g, bg_stride, bg_kstride, HAS_G, RG, IEEE)
+    bt_u = _factor_b(bu_ptr, cols, n_cols, rank_u, bu_stride, bu_kstride, HAS_U, RU, IEEE)
+    bt_d = _factor_b(bd_ptr, cols, n_cols, rank_d, bd_stride, bd_kstride, HAS_D, RD, IEEE)
+    dh = _load_corrected(dh_ptr, dh_stride, xd_ptr, bt_d, rows, cols, mask, n_rows, rank_d, xd_stride, scale_d,
+                         HAS_D, RD, IEEE)
     g = _load_corrected(g_ptr, g_stride, xg_ptr, bt_g, rows, cols, mask, n_rows, rank_g, xg_stride, scale_g,
                         HAS_G, RG, IEEE)
     u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
@@ -112,28 +121,42 @@ def _tile(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
     return max(16, min(triton.next_power_of_2(max(n_rows, 1)), 16384 // block)), block, 4
 
 
-def _low_args(low: LowRank | None, like: torch.Tensor) -> tuple:
-    """Kernel arguments ``(xa, B, rank, xa_stride, b_stride, scale)`` and ``(HAS, R)`` for one side."""
+class _Side(NamedTuple):
+    """One low-rank term as kernel arguments: pointers, rank, strides, scale, and the HAS / R constexprs."""
+
+    xa: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    strides: tuple[int, int, int]  # xa's row stride, B's row stride, B's rank stride
+    scale: float
+    has: bool
+    r: int
+
+
+def _side(low: LowRank | None, like: torch.Tensor) -> _Side:
     if low is None:
-        return (like, like, 0, 0, 0, 0.0), (False, 16)
+        return _Side(like, like, 0, (0, 0, 0), 0.0, False, 16)
     xa, b = low.xa, low.B
-    if xa.stride(-1) != 1 or b.stride(-1) != 1:
-        raise ValueError("lora_gated: xa and B need unit column stride")
+    if xa.stride(-1) != 1:
+        raise ValueError("lora_gated: xa needs unit column stride")
     rank = xa.shape[1]
-    return (xa, b, rank, xa.stride(0), b.stride(0), float(low.scale)), (True, max(16, triton.next_power_of_2(rank)))
+    return _Side(xa, b, rank, (xa.stride(0), *b.stride()), float(low.scale), True,
+                 max(16, triton.next_power_of_2(rank)))
 
 
-def _launch(kernel, tensors: tuple, strides: tuple, g, low_g, low_u, activation, tile) -> None:
+def _launch(kernel, tensors: tuple, strides: tuple, g, lows: tuple, activation, tile) -> None:
+    """``lows``: the gate's and the up's terms, and in backward the down projection's share of ``dh``."""
     n_rows, n_cols = g.shape
-    (xg, bg, rank_g, xg_s, bg_s, sg), (has_g, rg) = _low_args(low_g, g)
-    (xu, bu, rank_u, xu_s, bu_s, su), (has_u, ru) = _low_args(low_u, g)
+    sides = [_side(low, g) for low in lows]
     ieee = g.dtype == torch.float32 or interpreter_on()
     rows, block, warps = tile
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
+    names = "GUD"[:len(sides)]
     launch(kernel, grid,
-           (*tensors, xg, bg, xu, bu, n_rows, n_cols, rank_g, rank_u, *strides, xg_s, bg_s, xu_s, bu_s, sg, su),
-           dict(ACT=ACT_CODES[activation], HAS_G=has_g, HAS_U=has_u, RG=rg, RU=ru, IEEE=ieee, ROWS=rows,
-                BLOCK=block),
+           (*tensors, *(t for sd in sides for t in (sd.xa, sd.b)), n_rows, n_cols, *(sd.rank for sd in sides),
+            *strides, *(st for sd in sides for st in sd.strides), *(sd.scale for sd in sides)),
+           dict(ACT=ACT_CODES[activation], **{f"HAS_{n}": sd.has for n, sd in zip(names, sides)},
+                **{f"R{n}": sd.r for n, sd in zip(names, sides)}, IEEE=ieee, ROWS=rows, BLOCK=block),
            num_warps=warps)
 
 
@@ -143,15 +166,16 @@ def lora_gated_forward(g: torch.Tensor, u: torch.Tensor, low_g: LowRank | None, 
     ``tile`` (ROWS, BLOCK, num_warps) overrides the default, for benchmarks."""
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if h.numel():
-        _launch(_lora_gated_fwd_kernel, (g, u, h), (g.stride(0), u.stride(0), h.stride(0)), g, low_g, low_u,
+        _launch(_lora_gated_fwd_kernel, (g, u, h), (g.stride(0), u.stride(0), h.stride(0)), g, (low_g, low_u),
                 activation, tile or _tile(*g.shape, g.is_cuda))
     return h
 
 
 def lora_gated_backward(dh, g, u, dg, du, low_g: LowRank | None, low_u: LowRank | None, activation: str,
-                        tile: tuple[int, int, int] | None = None) -> None:
-    """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``)."""
+                        tile: tuple[int, int, int] | None = None, low_dh: LowRank | None = None) -> None:
+    """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``); the upstream
+    gradient is ``dh + low_dh`` (``low_dh``: a low-rank share of it not yet added, or None)."""
     if g.numel():
         _launch(_lora_gated_bwd_kernel, (dh, g, u, dg, du),
-                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, low_g, low_u, activation,
-                tile or _tile(*g.shape, g.is_cuda))
+                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, (low_g, low_u, low_dh),
+                activation, tile or _tile(*g.shape, g.is_cuda))
