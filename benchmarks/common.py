@@ -412,7 +412,7 @@ def write_profile(step, batches, path) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for batch in batches[:2]:
             step(batch)
         torch.cuda.synchronize()
@@ -420,7 +420,8 @@ def write_profile(step, batches, path) -> None:
     table = averages.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     # By host time too: CUDA runtime calls that block (synchronizations, launches into a full queue) show here.
     host_table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
-    Path(path).write_text(table + "\n\nBy self CPU time:\n" + host_table)
+    Path(path).write_text(table + "\n\nBy self CPU time:\n" + host_table + "\n\nBy launching op:\n"
+                          + kernels_by_launching_op(prof.events()))
     host = cProfile.Profile()
     host.enable()
     for batch in batches[:2]:
@@ -437,6 +438,20 @@ def write_profile(step, batches, path) -> None:
     kernels = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.device_resource_id())
                for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
     Path(path).with_suffix(".timeline.json").write_text(json.dumps(device_timeline(kernels), indent=1))
+
+
+def kernels_by_launching_op(events, top: int = 80) -> str:
+    """Device time per (host op, its input shapes, kernel), full kernel names: which call made each memset,
+    copy or small GEMM that the per-kernel table lists only by (truncated) name."""
+    totals: dict[tuple[str, str, str], list] = {}
+    for evt in events:
+        for k in getattr(evt, "kernels", []):
+            key = (evt.name, str(getattr(evt, "input_shapes", ""))[:120], k.name[:140])
+            entry = totals.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += k.duration / 1e3  # us -> ms
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return "\n".join(f"{ms:9.3f} ms {n:5d}x  {op}  {shapes}\n{'':22}{kernel}" for (op, shapes, kernel), (n, ms) in rows)
 
 
 def device_timeline(kernels: list[tuple[int, int, str, int]], top: int = 15) -> dict:
