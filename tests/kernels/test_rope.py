@@ -87,6 +87,34 @@ def test_strided_views_like_hugging_face_and_inputs_untouched():
     assert torch.equal(q, q_before) and torch.equal(k, k_before)
 
 
+def test_input_gradients_take_the_inputs_layout():
+    # q/k as transposed views of projection outputs: their gradients come back in the projections' own
+    # layout, so the projection backward reshapes them to [tokens, features] without a copy.
+    torch.manual_seed(4)
+    cos, sin = torch.randn(1, S, D), torch.randn(1, S, D)
+    q_proj = torch.randn(B, S, HQ * D, requires_grad=True)
+    k_proj = torch.randn(B, S, HK * D, requires_grad=True)
+    q = q_proj.view(B, S, HQ, D).transpose(1, 2)
+    k = k_proj.view(B, S, HK, D).transpose(1, 2)
+    seen = {}
+
+    def keep(name):
+        def hook(grad):
+            seen[name] = grad
+        return hook
+
+    q.register_hook(keep("q"))
+    k.register_hook(keep("k"))
+    qo, ko = apply_rope(q, k, cos, sin)
+    (qo.square().sum() + ko.sum()).backward()
+    assert seen["q"].stride() == q.stride() and seen["k"].stride() == k.stride()
+    want = _forward_backward(rope_reference, q_proj.view(B, S, HQ, D).transpose(1, 2).detach(),
+                             k_proj.view(B, S, HK, D).transpose(1, 2).detach(), cos, sin,
+                             2 * qo.detach(), torch.ones_like(ko))
+    assert_close(seen["q"], want[2])
+    assert_close(seen["k"], want[3])
+
+
 @pytest.mark.parametrize("rotary_dim", [D, 6], ids=["full", "partial"])
 def test_inplace_forward_is_exact_under_autograd(rotary_dim):
     torch.manual_seed(4)

@@ -28,9 +28,23 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
+def _like(t: torch.Tensor) -> tuple:
+    """What backward needs to allocate ``t``'s gradient laid out as ``t`` is: shape, dtype, and strides when
+    ``t`` is dense (q/k are usually transposed views of a projection output; a gradient in that layout
+    flows back into the projection's backward without a copy)."""
+    return t.shape, t.dtype, (t.stride() if _is_dense(t) else None)
+
+
+def _empty_like(like: tuple, device) -> torch.Tensor:
+    shape, dtype, stride = like
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
 def _writable_grads(dq: torch.Tensor, dk: torch.Tensor, q_like: tuple, k_like: tuple) -> bool:
     """Whether the incoming gradients may be overwritten with the input gradients."""
-    for g, (shape, dtype) in ((dq, q_like), (dk, k_like)):
+    for g, (shape, dtype, _) in ((dq, q_like), (dk, k_like)):
         if g.shape != shape or g.dtype != dtype or not _is_dense(g):
             return False
     (a0, a1), (b0, b1) = _span(dq), _span(dk)
@@ -79,8 +93,7 @@ class RoPEFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.interleaved, ctx.inplace_backward = unsqueeze_dim, interleaved, inplace_backward
-        ctx.q_like = (q.shape, q.dtype)
-        ctx.k_like = (k.shape, k.dtype)
+        ctx.q_like, ctx.k_like = _like(q), _like(k)
         return q_out, k_out
 
     @staticmethod
@@ -91,8 +104,7 @@ class RoPEFunction(torch.autograd.Function):
         if ctx.inplace_backward and _writable_grads(dq_out, dk_out, ctx.q_like, ctx.k_like):
             dq, dk = dq_out, dk_out
         else:
-            dq = torch.empty(ctx.q_like[0], dtype=ctx.q_like[1], device=dq_out.device)
-            dk = torch.empty(ctx.k_like[0], dtype=ctx.k_like[1], device=dk_out.device)
+            dq, dk = _empty_like(ctx.q_like, dq_out.device), _empty_like(ctx.k_like, dk_out.device)
         ud = ctx.unsqueeze_dim
         rope_launch(
             _as_bhsd(dq_out, ud), _as_bhsd(dk_out, ud), _as_bhsd(dq, ud), _as_bhsd(dk, ud),
