@@ -82,6 +82,21 @@ def test_backward_adds_the_factored_share_of_dh(dtype, sides, rows, cols, rank):
     assert torch.equal(dh, dh_before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_backward_writes_the_forward_output_in_the_same_pass(dtype, activation):
+    # In place, as the fused MLP runs it: h must come from g/u before the gradients overwrite them.
+    g, u, dh, low_g, low_u = _case(21, 90, 8, dtype, seed=11)
+    want_h = lora_gated_reference(g, u, low_g, low_u, activation)
+    want_dg, want_du = _autograd_reference(g, u, dh, low_g, low_u, activation)
+    h = torch.full_like(g, float("nan"))
+    lora_gated_backward(dh, g, u, g, u, low_g, low_u, activation, h=h)
+    scale = 4.0 if dtype == torch.float32 else 1.0
+    assert_close(h, want_h, dtype, scale)
+    assert_close(g, want_dg.to(dtype), dtype, scale)
+    assert_close(u, want_du.to(dtype), dtype, scale)
+
+
 def test_zero_lora_term_equals_plain_activation():
     from pronghorn.kernels.swiglu import swiglu_reference
 

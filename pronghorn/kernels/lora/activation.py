@@ -60,18 +60,20 @@ def gated_forward(g: torch.Tensor, u: torch.Tensor, activation: str,
 
 def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str,
                     low: tuple[LowRank | None, LowRank | None] = NO_LOW_RANK,
-                    low_dh: LowRank | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dL/dg, dL/du)`` for ``h = act(g + low[0]) * (u + low[1])`` and upstream gradient ``dh + low_dh``
-    (``low_dh``: the down projection's LoRA share, kept factored), written over ``g`` and ``u`` (which are
-    returned); these are also the gradients of the LoRA terms' outputs.
+                    low_dh: LowRank | None = None, want_h: bool = False):
+    """``(dL/dg, dL/du, h)`` for ``h = act(g + low[0]) * (u + low[1])`` and upstream gradient ``dh + low_dh``
+    (``low_dh``: the down projection's LoRA share, kept factored). The gradients are written over ``g`` and
+    ``u`` (which are returned); they are also the gradients of the LoRA terms' outputs. ``h`` is the
+    forward's output, made in the same pass when ``want_h`` (else None).
 
     The caller must own ``g``/``u`` (no other autograd node saved them): they are destroyed; ``dh`` is only read.
     """
     if use_triton(dh, g, u, *_low_tensors((*low, low_dh))) and g.numel() > 0:
-        if _has_low((*low, low_dh)):
+        h = torch.empty(g.shape, dtype=g.dtype, device=g.device) if want_h else None
+        if _has_low((*low, low_dh)) or want_h:
             from ..lora_gated.triton import lora_gated_backward
 
-            lora_gated_backward(dh, g, u, g, u, *low, activation, low_dh=low_dh)
+            lora_gated_backward(dh, g, u, g, u, *low, activation, low_dh=low_dh, h=h)
         elif activation == "swiglu":
             from ..swiglu.triton import swiglu_backward
 
@@ -80,8 +82,9 @@ def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activati
             from ..geglu.triton import geglu_backward
 
             geglu_backward(dh, g, u, g, u, activation == "geglu_tanh")
-        return g, u
+        return g, u, h
+    h = lora_gated_reference(g, u, *low, activation) if want_h else None
     dg, du = lora_gated_backward_reference(dh, g, u, *low, activation, low_dh)
     g.copy_(dg)
     u.copy_(du)
-    return g, u
+    return g, u, h

@@ -6,7 +6,7 @@ a read and a write of each ``[N, I]`` output per pass. Below, ``g``/``u`` are th
 
 Saved for backward: ``x`` (only if a gate/up ``A`` trains), the base gate and up outputs (or Phi-3's
 single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
-saved: backward recomputes it from ``g``/``u`` (one elementwise pass) only where down's LoRA grads need it.
+saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``.
 A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
 ``h A^T``, which backward then makes from its own ``h``.
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
@@ -98,24 +98,29 @@ class LoraMLPFunction(torch.autograd.Function):
         low = _low_ranks(in_parts, xas, ctx.fused, dtype)
 
         need_in = ctx.needs_input_grad[0] or any(need_a[:-1]) or any(need_b[:-1])
-        # down's LoRA grads first, with h recomputed and dropped before dh is allocated. Its factor
-        # t = s dy B_d also carries down's share of dh, which the activation backward adds tile by tile.
-        d_as_down, d_bs_down, t_down = [None], [None], {}
-        if need_a[-1] or need_b[-1] or need_in:
-            make_ha = need_b[-1] and ha is None  # forward was a recompute that left h A^T to here
-            h = gated_forward(g, u, ctx.activation, low) if need_a[-1] or make_ha else None
-            if make_ha:
-                ha = h @ cast_cache.cast(down.A, dtype).t()
-            d_as_down, d_bs_down, t_down = factor_grads(h, [ha], [down], [dy2], dtype, need_in, [need_a[-1]],
-                                                        [need_b[-1]])
-            del h
+        make_ha = need_b[-1] and ha is None  # forward was a recompute that left h A^T to here
+        need_h = need_a[-1] or make_ha
+        # down's factor t = s dy B_d: for its dA, and for its share of dh, which the activation backward adds
+        # tile by tile (dh itself holds dy W_d only).
+        t_down = {}
+        if down.A is not None and (need_in or need_a[-1]):
+            t_down = factor_grads(None, [None], [down], [dy2], dtype, True, [False], [False])[2]
+        if need_in:
+            dh = input_grad([down], [dy2], {}, dtype)
+            low_dh = LowRank(t_down[0], cast_cache.cast(down.A, dtype).t(), 1.0) if t_down else None
+            # g, u now hold dL/dg, dL/du; h comes out of the same pass (the forward did not keep it)
+            _, _, h = gated_backward_(dh, g, u, ctx.activation, low, low_dh, want_h=need_h)
+            del dh
+        else:
+            h = gated_forward(g, u, ctx.activation, low) if need_h else None
+        if make_ha:
+            ha = h @ cast_cache.cast(down.A, dtype).t()
+        d_as_down, d_bs_down, _ = factor_grads(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]],
+                                               ts=t_down)
+        del h  # before gate/up's input gradient dequantizes their weights
 
         dx, d_as, d_bs = None, [None] * n_in, [None] * n_in
         if need_in:
-            dh = input_grad([down], [dy2], {}, dtype)  # dy W_d alone
-            low_dh = LowRank(t_down[0], cast_cache.cast(down.A, dtype).t(), 1.0) if t_down else None
-            gated_backward_(dh, g, u, ctx.activation, low, low_dh)  # g, u now hold dL/dg, dL/du
-            del dh
             dx, d_as, d_bs = backward_shared(x2, xas, in_parts, outs, dtype, ctx.needs_input_grad[0],
                                              need_a[:-1], need_b[:-1])
             if dx is not None:

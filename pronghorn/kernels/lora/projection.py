@@ -85,17 +85,18 @@ def backward_shared(x2, xas, parts, dys, dtype, need_dx, need_a, need_b):
     return (input_grad(parts, dys, ts, dtype) if need_dx else None), d_as, d_bs
 
 
-def factor_grads(x2, xas, parts, dys, dtype, need_t, need_a, need_b):
+def factor_grads(x2, xas, parts, dys, dtype, need_t, need_a, need_b, ts=None):
     """``([dA], [dB], ts)`` for projections sharing ``x2``: ``ts`` maps each LoRA projection's index to its
-    ``t = s dy B`` [N, r], made where ``need_t`` (the caller's input gradient needs it) or its dA does."""
+    ``t = s dy B`` [N, r], made where ``need_t`` (the caller's input gradient needs it) or its dA does,
+    unless the caller passes it in ``ts`` from an earlier call."""
     d_as, d_bs = [None] * len(parts), [None] * len(parts)
-    ts = {}
+    ts = dict(ts or {})
     for i, p in enumerate(parts):
         if p.A is None:
             continue
         if need_b[i]:
             d_bs[i] = grad_mm(dys[i].t(), _scaled(xas[i], p.scale), p.B.dtype)
-        if need_t or need_a[i]:
+        if (need_t or need_a[i]) and i not in ts:
             ts[i] = _scaled(dys[i] @ cast_cache.cast(p.B, dtype), p.scale)
     order = list(ts)
     wants_a = [i for i in order if need_a[i]]

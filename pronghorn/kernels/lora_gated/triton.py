@@ -85,11 +85,12 @@ def _lora_gated_fwd_kernel(
 
 @triton.jit
 def _lora_gated_bwd_kernel(
-    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, xd_ptr, bd_ptr, n_rows, n_cols,
-    rank_g, rank_u, rank_d, dh_stride, g_stride, u_stride, dg_stride, du_stride, xg_stride, bg_stride, bg_kstride,
-    xu_stride, bu_stride, bu_kstride, xd_stride, bd_stride, bd_kstride, scale_g, scale_u, scale_d,
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, xg_ptr, bg_ptr, xu_ptr, bu_ptr, xd_ptr, bd_ptr, n_rows, n_cols,
+    rank_g, rank_u, rank_d, dh_stride, g_stride, u_stride, dg_stride, du_stride, h_stride, xg_stride, bg_stride,
+    bg_kstride, xu_stride, bu_stride, bu_kstride, xd_stride, bd_stride, bd_kstride, scale_g, scale_u, scale_d,
     ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr, RG: tl.constexpr,
-    RU: tl.constexpr, RD: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    RU: tl.constexpr, RD: tl.constexpr, WRITE_H: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # dg/du may alias g/u (in-place backward): each element is read before it is written, by one program.
     rows, cols, mask = row_tile(n_rows, n_cols, ROWS, BLOCK)
@@ -103,6 +104,8 @@ def _lora_gated_bwd_kernel(
     u = _load_corrected(u_ptr, u_stride, xu_ptr, bt_u, rows, cols, mask, n_rows, rank_u, xu_stride, scale_u,
                         HAS_U, RU, IEEE)
     act, grad = _act_and_grad(g, ACT)
+    if WRITE_H:  # the forward's output, for the down projection's LoRA grads, without another pass over g/u
+        tl.store(h_ptr + rows * h_stride + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(dg_ptr + rows * dg_stride + cols, (dh * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + rows * du_stride + cols, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
 
@@ -144,7 +147,7 @@ def _side(low: LowRank | None, like: torch.Tensor) -> _Side:
                  max(16, triton.next_power_of_2(rank)))
 
 
-def _launch(kernel, tensors: tuple, strides: tuple, g, lows: tuple, activation, tile) -> None:
+def _launch(kernel, tensors: tuple, strides: tuple, g, lows: tuple, activation, tile, **constexprs) -> None:
     """``lows``: the gate's and the up's terms, and in backward the down projection's share of ``dh``."""
     n_rows, n_cols = g.shape
     sides = [_side(low, g) for low in lows]
@@ -156,7 +159,7 @@ def _launch(kernel, tensors: tuple, strides: tuple, g, lows: tuple, activation, 
            (*tensors, *(t for sd in sides for t in (sd.xa, sd.b)), n_rows, n_cols, *(sd.rank for sd in sides),
             *strides, *(st for sd in sides for st in sd.strides), *(sd.scale for sd in sides)),
            dict(ACT=ACT_CODES[activation], **{f"HAS_{n}": sd.has for n, sd in zip(names, sides)},
-                **{f"R{n}": sd.r for n, sd in zip(names, sides)}, IEEE=ieee, ROWS=rows, BLOCK=block),
+                **{f"R{n}": sd.r for n, sd in zip(names, sides)}, **constexprs, IEEE=ieee, ROWS=rows, BLOCK=block),
            num_warps=warps)
 
 
@@ -172,10 +175,13 @@ def lora_gated_forward(g: torch.Tensor, u: torch.Tensor, low_g: LowRank | None, 
 
 
 def lora_gated_backward(dh, g, u, dg, du, low_g: LowRank | None, low_u: LowRank | None, activation: str,
-                        tile: tuple[int, int, int] | None = None, low_dh: LowRank | None = None) -> None:
+                        tile: tuple[int, int, int] | None = None, low_dh: LowRank | None = None,
+                        h: torch.Tensor | None = None) -> None:
     """Write ``dL/dg`` into ``dg`` and ``dL/du`` into ``du`` (either may alias ``g``/``u``); the upstream
-    gradient is ``dh + low_dh`` (``low_dh``: a low-rank share of it not yet added, or None)."""
+    gradient is ``dh + low_dh`` (``low_dh``: a low-rank share of it not yet added, or None). ``h``, when
+    given, also receives the forward's output ``act(g + low_g) * (u + low_u)``."""
     if g.numel():
-        _launch(_lora_gated_bwd_kernel, (dh, g, u, dg, du),
-                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0)), g, (low_g, low_u, low_dh),
-                activation, tile or _tile(*g.shape, g.is_cuda))
+        out_h = g if h is None else h
+        _launch(_lora_gated_bwd_kernel, (dh, g, u, dg, du, out_h),
+                (dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), out_h.stride(0)), g,
+                (low_g, low_u, low_dh), activation, tile or _tile(*g.shape, g.is_cuda), WRITE_H=h is not None)
