@@ -322,6 +322,20 @@ def time_ms(fn, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def gemm_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the cuBLAS layout microbenchmarks (bench_grouped_gemm, bench_lora_epilogue)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--iters", type=int, default=50, help="back-to-back calls per timing")
+    parser.add_argument("--repeats", type=int, default=7, help="timings, of which the median is kept")
+    return parser
+
+
+def median_device_ms(fn, iters: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean CUDA-event time per call over ``iters`` back-to-back calls."""
+    return statistics.median(time_ms(fn, "cuda", warmup=2, iters=iters) for _ in range(repeats))
+
+
 def peak_mib(fn, device) -> float | None:
     """Memory allocated by one call of ``fn`` at its peak, above what was allocated before (MiB); None off CUDA."""
     if not _on_cuda(device):

@@ -10,9 +10,7 @@ concatenated weight (what a fused storage layout would allow). Device time per c
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,10 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-
-
-def device_ms(fn, iters: int, repeats: int) -> float:
-    return statistics.median(common.time_ms(fn, "cuda", warmup=1, iters=iters) for _ in range(repeats))
 
 
 def group_cases(tokens: int, hidden: int, widths: list[int]) -> dict:
@@ -48,17 +42,13 @@ def group_cases(tokens: int, hidden: int, widths: list[int]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=7)
-    args = p.parse_args(argv)
+    args = common.gemm_bench_parser(__doc__).parse_args(argv)
     tokens, hidden, inter, kv = 4096, 4096, 14336, 1024
     groups = {"gate_up": [inter, inter], "qkv": [hidden, kv, kv]}
     results = {}
     for name, widths in groups.items():
         for case, fn in group_cases(tokens, hidden, widths).items():
-            ms = device_ms(fn, args.iters, args.repeats)
+            ms = common.median_device_ms(fn, args.iters, args.repeats)
             flops = 2 * tokens * hidden * sum(widths)
             results[f"{name}/{case}"] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
             print(f"{name:8s} {case:22s} {ms:8.4f} ms {flops / ms / 1e9:7.1f} TFLOP/s")

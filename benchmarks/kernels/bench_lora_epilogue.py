@@ -14,9 +14,7 @@ call from CUDA events over ``--iters`` back-to-back calls, median of ``--repeats
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,10 +29,6 @@ TOKENS, HIDDEN, INTER, KV, RANK = 4096, 4096, 14336, 1024, 32
 PROJECTIONS = [("q/o", HIDDEN, HIDDEN), ("k/v", HIDDEN, KV), ("down", INTER, HIDDEN)]
 # (name, out, in) of input gradients dx [tokens, in] = dy [tokens, out] @ W [out, in] (+ t A)
 INPUT_GRADS = [("o (dx of attn)", HIDDEN, HIDDEN), ("down (dh)", HIDDEN, INTER), ("gate (dx)", INTER, HIDDEN)]
-
-
-def device_ms(fn, iters: int, repeats: int) -> float:
-    return statistics.median(common.time_ms(fn, "cuda", warmup=2, iters=iters) for _ in range(repeats))
 
 
 def _randn(*shape, gen):
@@ -79,17 +73,13 @@ def measure(cases: dict, iters: int, repeats: int) -> dict:
         if isinstance(fn, tuple):
             row[label] = (fn[0]().float() - fn[1]().float()).abs().max().item()
         else:
-            row[label + " ms"] = device_ms(fn, iters, repeats)
+            row[label + " ms"] = common.median_device_ms(fn, iters, repeats)
     row["inside vs after"] = row["after ms"] / row["inside ms"]
     return row
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=7)
-    args = p.parse_args(argv)
+    args = common.gemm_bench_parser(__doc__).parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora_epilogue.py times cuBLAS on a GPU; no CUDA device here")
     gen = torch.Generator(device="cuda").manual_seed(0)
