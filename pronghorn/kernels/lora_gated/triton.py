@@ -6,7 +6,8 @@ Each program owns a [ROWS, BLOCK] tile of ``g``/``u``; the LoRA term of the tile
 ``3 * ROWS * BLOCK`` the activation moves anyway. All math is fp32; results are rounded once.
 
 Backward can take a third low-rank term, the down projection's share of ``dh`` (``s (dy B_d) A_d``,
-with ``A_d^T`` as its ``B``, any strides): ``dh`` then arrives without it and is never rewritten.
+with ``A_d^T`` as its ``B``, any strides): ``dh`` then arrives without it and is never rewritten. It can
+also write the forward's ``h`` from the values it has loaded anyway, for the down projection's LoRA grads.
 
 The dot runs in the inputs' 16-bit dtype with an fp32 accumulator. fp32 inputs, and every input
 under the CPU interpreter (whose bf16 ``tl.dot`` is wrong), are multiplied in IEEE fp32 instead.
