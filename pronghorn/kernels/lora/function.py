@@ -10,7 +10,7 @@ from ..dequant.weights import weight_rows
 from .parts import LoraParts, as_parts
 from .projection import (
     PER_PROJ, backward_shared, cast_to, compute_dtype, flat_parts, forward_shared, grads_out, lora_inputs,
-    unflat_parts,
+    unflat_parts, unread_output,
 )
 
 
@@ -28,8 +28,7 @@ class LoraSharedInputFunction(torch.autograd.Function):
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
         if output_unused:
             xas = lora_inputs(x2, parts, dtype)
-            zero = x2.new_zeros((), dtype=dtype)
-            outs = [zero.expand(x2.shape[0], weight_rows(p.weight)) for p in parts]
+            outs = [unread_output(x2, (x2.shape[0], weight_rows(p.weight)), dtype) for p in parts]
         else:
             outs, xas = forward_shared(x2, parts, dtype)
         needs = ctx.needs_input_grad[3:]

@@ -58,6 +58,12 @@ def lora_inputs(x2: torch.Tensor, parts: list[LoraParts], dtype) -> list:
     return [next(xas_iter) if p.A is not None else None for p in parts]
 
 
+def unread_output(like: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The output of a backward recompute that nobody reads: zeros of ``shape`` as one expanded scalar, so no
+    memory is written, yet whatever does read it gets a defined value."""
+    return like.new_zeros((), dtype=dtype).expand(shape)
+
+
 def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[list, list]:
     """Outputs of projections sharing input ``x2`` [N, in], and each one's ``x A^T`` (None without LoRA)."""
     xas = lora_inputs(x2, parts, dtype)
