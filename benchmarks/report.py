@@ -100,6 +100,20 @@ def median_step_ms(rec: dict):
     return 1000 * statistics.median(steps) if steps else None
 
 
+def clock_line(rows: list) -> str:
+    """Median SM clock and board power of the samples taken after each timed step, per row that has them: a GPU
+    at its power limit lowers its clock, and denser work (fewer idle gaps, fewer wasted passes) draws more
+    power per cycle, so the configurations compared do not run at one clock."""
+    parts = []
+    for r in rows:
+        samples = [e for e in r.get("allocator_events_per_step") or [] if "sm_clock_mhz" in e and "power_w" in e]
+        if r["status"] == "ok" and samples:
+            mhz = statistics.median(e["sm_clock_mhz"] for e in samples)
+            watts = statistics.median(e["power_w"] for e in samples)
+            parts.append(f"{r['label']} {r['mode']} {mhz:,.0f} MHz at {watts:.0f} W")
+    return ("SM clock and board power, median of one sample after each timed step: " + "; ".join(parts)) if parts else ""
+
+
 def _fmt(x, spec: str, suffix: str = "") -> str:
     return "–" if x is None else format(x, spec) + suffix
 
@@ -148,6 +162,9 @@ def markdown(records: list, peak: dict | None) -> str:
             lines += ["", "Against hf_peft_kbit (PEFT's documented QLoRA recipe, `prepare_model_for_kbit_training`): "
                       + "; ".join(f"{r['label']} {r['speed_vs_hf_peft_kbit']:.2f}× speed, "
                                   f"{_fmt(r.get('memory_vs_hf_peft_kbit'), '.2f', '×')} memory" for r in kbit)]
+        clocks = clock_line(rows)
+        if clocks:
+            lines += ["", clocks]
         versions = ref.get("versions") or {}
         lines += ["", "Versions: " + ", ".join(f"{k} {versions[k]}" for k in SHOWN_VERSIONS if k in versions), ""]
     lines += [

@@ -26,3 +26,13 @@ def test_ratios_against_each_baseline_of_the_same_mode():
     assert "speed_vs_unsloth" not in records[4]  # no bf16 Unsloth row: no ratio borrowed from QLoRA
     text = markdown(records, None)
     assert "Against hf_peft_kbit" in text and "pronghorn 2.20× speed, 0.42× memory" in text
+
+
+def test_clock_and_power_are_reported_per_row_where_sampled():
+    records = [_rec("unsloth", "bf16", 10000, 17.3), _rec("pronghorn", "bf16", 11500, 17.1)]
+    records[1]["allocator_events_per_step"] = [{"sm_clock_mhz": 1600, "power_w": 690.0},
+                                               {"sm_clock_mhz": 1900, "power_w": 650.0},
+                                               {"sm_clock_mhz": 1620, "power_w": 695.0}]
+    text = markdown(records, None)
+    assert "pronghorn bf16 1,620 MHz at 690 W" in text
+    assert "unsloth bf16" not in text.split("SM clock")[1].split("\n")[0]  # no samples, no entry
