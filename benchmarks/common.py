@@ -416,10 +416,17 @@ class Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+TIMELINE_STEPS = 6  # device-only steps traced: enough that a slow step shows up next to typical ones
+
+# The fused AdamW step's kernels close every training step of the benchmark loop.
+STEP_END_KERNEL = "FusedOptimizerTensorListMetadata"
+
+
 def write_profile(step, batches, path) -> None:
     """Two steps under torch.profiler (per-kernel tables by device time and by host time, to ``path``), two under
-    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``), then two with only
-    the device traced (:func:`device_timeline`, to ``path`` with suffix ``.timeline.json``)."""
+    cProfile (Python functions by own time, to ``path`` with suffix ``.host.txt``), then ``TIMELINE_STEPS`` with
+    only the device traced (:func:`device_timeline` over all of them and :func:`per_step_timelines`, to ``path``
+    with suffix ``.timeline.json``)."""
     import cProfile
     import io
     import pstats
@@ -446,12 +453,13 @@ def write_profile(step, batches, path) -> None:
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(45)
     Path(path).with_suffix(".host.txt").write_text(text.getvalue())
     with profile(activities=[ProfilerActivity.CUDA]) as prof:  # device only: no host-side profiler overhead
-        for batch in batches[:2]:
+        for batch in batches[:TIMELINE_STEPS]:
             step(batch)
         torch.cuda.synchronize()
     kernels = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name(), e.device_resource_id())
                for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
-    Path(path).with_suffix(".timeline.json").write_text(json.dumps(device_timeline(kernels), indent=1))
+    timeline = device_timeline(kernels) | {"steps": per_step_timelines(kernels)}
+    Path(path).with_suffix(".timeline.json").write_text(json.dumps(timeline, indent=1))
 
 
 def kernels_by_launching_op(events, top: int = 80) -> str:
@@ -507,6 +515,30 @@ def device_timeline(kernels: list[tuple[int, int, str, int]], top: int = 15) -> 
         # Where the compute stream's idle time sits, summed by the pair of kernels around each gap.
         "main_stream_idle_by_neighbours": _idle_by_neighbours(main_gaps, top),
     }
+
+
+def per_step_timelines(kernels: list[tuple[int, int, str, int]], end_marker: str = STEP_END_KERNEL,
+                       top: int = 5) -> list[dict]:
+    """:func:`device_timeline` of each training step in ``kernels``; a step ends with the last kernel of each
+    run of kernels whose name contains ``end_marker`` (the optimizer's). Comparing a slow step with its
+    neighbours shows where its extra time went: longer kernels, or gaps (the GPU waiting)."""
+    kernels = sorted(kernels)
+    steps, current = [], []
+    for i, k in enumerate(kernels):
+        current.append(k)
+        nxt = kernels[i + 1][2] if i + 1 < len(kernels) else ""
+        if end_marker in k[2] and end_marker not in nxt:
+            steps.append(current)
+            current = []
+    if current:
+        steps.append(current)
+    keys = ("window_ms", "busy_ms", "main_stream_busy_ms", "main_stream_idle_ms",
+            "main_stream_idle_while_side_streams_ran_ms", "main_stream_gaps")
+    out = []
+    for group in steps:
+        t = device_timeline(group, top)
+        out.append({k: t[k] for k in keys if k in t})
+    return out
 
 
 def _idle_by_neighbours(gaps: list, top: int) -> list[dict]:

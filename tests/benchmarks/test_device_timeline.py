@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.common import device_timeline
+from benchmarks.common import device_timeline, per_step_timelines
 
 MS = 1_000_000
 
@@ -50,3 +50,14 @@ def test_main_stream_gaps_say_how_much_a_side_stream_filled():
     assert t["main_stream_gaps"][0]["after"] in ("gemm", "norm")
     assert {(n["after"], n["before"], n["count"]) for n in t["main_stream_idle_by_neighbours"]} == {
         ("gemm", "norm", 1), ("norm", "rope", 1)}
+
+
+def test_per_step_timelines_split_at_the_optimizer_kernels():
+    adam = "multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>"
+    kernels = [(0, 4 * MS, "gemm", 1), (4 * MS, 5 * MS, adam, 1), (5 * MS, 6 * MS, adam, 1),  # step 1: no gap
+               (6 * MS, 8 * MS, "gemm", 1), (11 * MS, 12 * MS, "gemm", 1), (12 * MS, 13 * MS, adam, 1)]  # 3 ms gap
+    steps = per_step_timelines(kernels)
+    assert len(steps) == 2
+    assert steps[0]["window_ms"] == pytest.approx(6.0) and steps[0]["main_stream_idle_ms"] == pytest.approx(0.0)
+    assert steps[1]["window_ms"] == pytest.approx(7.0) and steps[1]["main_stream_idle_ms"] == pytest.approx(3.0)
+    assert steps[1]["main_stream_gaps"][0]["ms"] == pytest.approx(3.0)
