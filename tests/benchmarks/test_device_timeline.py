@@ -61,3 +61,20 @@ def test_per_step_timelines_split_at_the_optimizer_kernels():
     assert steps[0]["window_ms"] == pytest.approx(6.0) and steps[0]["main_stream_idle_ms"] == pytest.approx(0.0)
     assert steps[1]["window_ms"] == pytest.approx(7.0) and steps[1]["main_stream_idle_ms"] == pytest.approx(3.0)
     assert steps[1]["main_stream_gaps"][0]["ms"] == pytest.approx(3.0)
+
+
+def test_kernels_by_launching_op_sums_per_op_shapes_and_kernel():
+    from types import SimpleNamespace as NS
+
+    from benchmarks.common import kernels_by_launching_op
+
+    copy = NS(name="direct_copy_kernel_cuda", duration=52.0)  # microseconds, as torch.profiler reports them
+    gemm = NS(name="nvjet_gemm", duration=640.0)
+    events = [NS(name="aten::copy_", input_shapes=[[2, 2048, 32, 128]], kernels=[copy]),
+              NS(name="aten::copy_", input_shapes=[[2, 2048, 32, 128]], kernels=[copy]),
+              NS(name="aten::mm", input_shapes=[[4096, 4096], [4096, 14336]], kernels=[gemm]),
+              NS(name="LoraMLPFunction", input_shapes=[], kernels=[])]
+    lines = kernels_by_launching_op(events).splitlines()
+    assert "aten::mm" in lines[0] and "0.640 ms" in lines[0] and lines[1].strip() == "nvjet_gemm"
+    assert "aten::copy_" in lines[2] and "0.104 ms" in lines[2] and "2x" in lines[2]
+    assert len(lines) == 4  # an op that launched nothing is not listed
