@@ -71,7 +71,7 @@ def _group_key(rec: dict) -> tuple:
 
 
 def add_ratios(records: list) -> None:
-    """Speed and memory ratios against the ``hf_peft`` and ``unsloth`` rows of the same shape/mode/batch."""
+    """Speed and memory ratios against each of the ``BASELINES`` rows of the same shape/mode/batch."""
     base = {}
     for rec in records:
         if rec["status"] == "ok" and rec["label"] in BASELINES:

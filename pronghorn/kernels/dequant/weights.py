@@ -73,7 +73,12 @@ def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as bnb_f  # a 4-bit state exists, so bitsandbytes is installed
 
         return bnb_f.dequantize_4bit(weight.data, state).to(dtype)
-    return (weight.data.float() * _int8_scales(weight).float().reshape(-1, 1) * _INV_127).to(dtype)
+    return _int8_dense(weight.data, _int8_scales(weight), dtype)
+
+
+def _int8_dense(data: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes int8 rows times their absmax scales ``scb``, in ``dtype``."""
+    return (data.float() * scb.float().reshape(-1, 1) * _INV_127).to(dtype)
 
 
 def weight_of(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -95,5 +100,5 @@ def weight_of(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         scb = getattr(state, "SCB", None)
         if scb is None:
             raise ValueError("Linear8bitLt weight is int8 but neither weight.SCB nor state.SCB holds its scales")
-        return (weight.data.float() * scb.float().reshape(-1, 1) * _INV_127).to(dtype)
+        return _int8_dense(weight.data, scb, dtype)
     return dense_weight(weight, dtype)

@@ -102,18 +102,19 @@ class LoraMLPFunction(torch.autograd.Function):
         # down's factor t = s dy B_d: for its dA, and for its share of dh, which the activation backward adds
         # tile by tile (dh itself holds dy W_d only).
         t_down = {}
-        if down.A is not None and (need_in or need_a[-1]):
+        a_down = cast_cache.cast(down.A, dtype) if down.A is not None else None
+        if a_down is not None and (need_in or need_a[-1]):
             t_down = factor_grads(None, [None], [down], [dy2], dtype, True, [False], [False])[2]
         if need_in:
             dh = input_grad([down], [dy2], {}, dtype)
-            low_dh = LowRank(t_down[0], cast_cache.cast(down.A, dtype).t(), 1.0) if t_down else None
+            low_dh = LowRank(t_down[0], a_down.t(), 1.0) if t_down else None
             # g, u now hold dL/dg, dL/du; h comes out of the same pass (the forward did not keep it)
             _, _, h = gated_backward_(dh, g, u, ctx.activation, low, low_dh, want_h=need_h)
             del dh
         else:
             h = gated_forward(g, u, ctx.activation, low) if need_h else None
         if make_ha:
-            ha = h @ cast_cache.cast(down.A, dtype).t()
+            ha = h @ a_down.t()
         d_as_down, d_bs_down, _ = factor_grads(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]],
                                                ts=t_down)
         del h  # before gate/up's input gradient dequantizes their weights
