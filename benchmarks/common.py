@@ -462,6 +462,39 @@ def write_profile(step, batches, path) -> None:
     Path(path).with_suffix(".timeline.json").write_text(json.dumps(timeline, indent=1))
 
 
+def find_host_syncs(step, batch, frames: int = 6) -> list[dict]:
+    """Run one ``step(batch)`` with CUDA's sync debug mode on and return each place that made the host wait
+    for the GPU (a ``.item()``, a ``bool`` of a tensor, a copy to pageable memory), as its innermost Python
+    frames and how many times it happened. Every such wait drains the GPU's queue: after it, the GPU idles
+    until Python has queued more work."""
+    import traceback
+    import warnings
+
+    found: dict[tuple, dict] = {}
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        stack = tuple(f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno} {f.name}"
+                      for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename)[-frames:]
+        entry = found.setdefault(stack, {"count": 0, "message": str(message)[:160], "stack": list(stack)})
+        entry["count"] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    torch.cuda.synchronize()
+    return sorted(found.values(), key=lambda e: -e["count"])
+
+
 def kernels_by_launching_op(events, top: int = 80) -> str:
     """Device time per (host op, its input shapes, kernel), full kernel names: which call made each memset,
     copy or small GEMM that the per-kernel table lists only by (truncated) name."""

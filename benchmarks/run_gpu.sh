@@ -25,6 +25,7 @@
 #   --commit SHA            git commit to record (the device copy has no .git)
 #   --profile               after timing, profile each configuration (kernel table, host profile, device
 #                           timeline) into <config>-<mode>.prof*.txt|json next to its results
+#   --find-syncs            after timing, record where each configuration's step made the host wait for the GPU
 #   --model-root DIR        where checkpoints live [/dev/shm/pronghorn-bench]
 #   --out DIR               results folder [$OUT, else /tmp/pronghorn-bench-out]
 set -uo pipefail
@@ -43,9 +44,10 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift 2 ;;
     --commit) COMMIT=$2; shift 2 ;;
     --profile) PROFILE=1; shift ;;
+    --find-syncs) EXTRA+=("$1"); shift ;;
     --model-root) MODEL_ROOT=$2; shift 2 ;;
     --out) OUTDIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

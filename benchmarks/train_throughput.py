@@ -69,6 +69,9 @@ def parse_args(argv=None):
                         "pageable makes every step's input copy wait for the previous step to finish")
     p.add_argument("--profile", metavar="PATH",
                    help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
+    p.add_argument("--find-syncs", action="store_true",
+                   help="after timing, run one more step with CUDA's sync debug mode and record where the host "
+                        "waited for the GPU (host_syncs in the JSON)")
     p.add_argument("--no-autocast", dest="autocast", action="store_false",
                    help="run forward without bf16 autocast (weights are bf16 either way)")
     p.add_argument("--peak-json", help="matmul peak written by `common.py peak` (else measured here)")
@@ -215,7 +218,7 @@ def _gpu_clocks() -> dict:
 
 
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
-          profile_path=None) -> dict:
+          profile_path=None, find_syncs: bool = False) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
 
     Warm-up steps run first and are not timed; peak memory is reset after them, so ``peak_gib`` is the
@@ -267,11 +270,12 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     elapsed = time.perf_counter() - t0
     gc_pauses = gc_pauses()
     stash_calls = {name: dict(counts) for name, counts in stash.STATS.items()} if stash is not None else None
+    host_syncs = common.find_host_syncs(step, batches[0]) if find_syncs and device_type == "cuda" else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)
     # Host time spent issuing the steps: close to timed_s means the GPU waited on Python.
     out = dict(warm, timed_s=elapsed, host_issue_s=issue_s, full_gc_pauses_s=gc_pauses, step_s=timer.step_seconds(),
-               allocator_events_per_step=allocator_events, stash_calls_in_timed_steps=stash_calls,
+               allocator_events_per_step=allocator_events, stash_calls_in_timed_steps=stash_calls, host_syncs=host_syncs,
                losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
                trainable_dtypes=sorted({str(p.dtype) for p in params}))
@@ -336,7 +340,7 @@ def run(args) -> dict:
             common.write_json(args.out, record)
 
         result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed,
-                       profile_path=args.profile)
+                       profile_path=args.profile, find_syncs=args.find_syncs)
         record.update(result)
         record["ms_per_step"] = 1e3 * result["timed_s"] / args.steps
         record["tokens_per_s"] = batch_size * seq_len * args.steps / result["timed_s"]

@@ -153,9 +153,16 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from pronghorn.nn.lm_head_loss import lm_head_loss, lm_head_spec_from_config
+    from pronghorn.nn.positions import one_sequence_positions
 
     kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    if position_ids is None and attention_mask is None and past_key_values is None and not use_cache:
+        # The positions the decoder would make, marked as unpacked so no one syncs to find that out.
+        if inputs_embeds is not None:
+            position_ids = one_sequence_positions(inputs_embeds.shape[1], inputs_embeds.device)
+        else:
+            position_ids = one_sequence_positions(input_ids.shape[1], self.get_input_embeddings().weight.device)
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                  use_cache=use_cache, **kwargs)

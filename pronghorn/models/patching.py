@@ -85,6 +85,9 @@ def patch_model(model: nn.Module) -> PatchRecord:
             elif leaf == "mlp" and (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):
                 _bind(record, module, "mlp", ff.mlp_forward, spec=spec)
     if hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings"):
+        from pronghorn.nn.positions import skip_known_packed_checks
+
+        skip_known_packed_checks()
         original = model.forward
         _bind(record, model, "lm_head_loss", ff.causal_lm_forward, original=original)
     model._pronghorn_patch = record

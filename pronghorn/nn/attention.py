@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pronghorn.nn.positions import holds_one_sequence_per_row
+
 __all__ = [
     "POLICY_SDPA",
     "VARLEN_SDPA",
@@ -184,7 +186,7 @@ _SEGMENT_CACHE: list = [None, None, None]  # [weakref to position_ids, per-row l
 def _segment_lengths(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[int]]:
     """Per row, the lengths of the sequences in it: a new one starts wherever the position does not
     advance by one (the rule transformers uses for packed sequences)."""
-    if position_ids is None:
+    if position_ids is None or holds_one_sequence_per_row(position_ids):
         return [[length]] * batch
     cached = _SEGMENT_CACHE[0]() if _SEGMENT_CACHE[0] is not None else None
     # Every layer (and every recompute) reads the same position_ids object: one host sync per step.
