@@ -474,7 +474,7 @@ def find_host_syncs(step, batch, frames: int = 6) -> list[dict]:
     shown = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" not in str(message):
+        if "synchronizing CUDA operation" not in str(message):
             return shown(message, category, filename, lineno, file, line)
         stack = tuple(f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno} {f.name}"
                       for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename)[-frames:]

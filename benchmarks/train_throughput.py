@@ -270,6 +270,10 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     elapsed = time.perf_counter() - t0
     gc_pauses = gc_pauses()
     stash_calls = {name: dict(counts) for name, counts in stash.STATS.items()} if stash is not None else None
+    peaks = {}
+    if device_type == "cuda":  # read before the diagnostic steps below, which are not part of the timed run
+        peaks = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
     host_syncs = common.find_host_syncs(step, batches[0]) if find_syncs and device_type == "cuda" else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)
@@ -278,10 +282,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
                allocator_events_per_step=allocator_events, stash_calls_in_timed_steps=stash_calls, host_syncs=host_syncs,
                losses=[x.item() for x in losses],
                trainable_params=sum(p.numel() for p in params),
-               trainable_dtypes=sorted({str(p.dtype) for p in params}))
-    if device_type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+               trainable_dtypes=sorted({str(p.dtype) for p in params}), **peaks)
     return out
 
 

@@ -28,7 +28,9 @@ class LabelRangeCheck:
             if bool(bad.any()):
                 _raise(int(labels[bad][0].item()), vocab, ignore_index, "")
             return
-        first_bad = labels.reshape(-1)[bad.reshape(-1).to(torch.uint8).argmax()]  # any label if none is bad
+        # index_select, not [tensor]: indexing with a 0-d tensor reads the index back to the host.
+        first = bad.reshape(-1).to(torch.uint8).argmax().reshape(1)
+        first_bad = labels.reshape(-1).index_select(0, first).reshape(())  # any label if none is bad
         found = torch.stack([bad.any().to(labels.dtype), first_bad])
         host = torch.empty(2, dtype=labels.dtype, pin_memory=True)
         host.copy_(found, non_blocking=True)
