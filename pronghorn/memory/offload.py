@@ -269,13 +269,21 @@ class _CopySources:
     """Device tensors that a device-to-host copy still reads, each kept alive until its copy's event has
     completed. ``record_stream`` would also keep the memory safe, but the caching allocator counts such a
     block as freed while it cannot be reused, so peak-memory figures would leave out copies that fall
-    behind; holding the reference keeps them counted."""
+    behind; holding the reference keeps them counted.
 
-    def __init__(self):
+    At most ``limit`` are held: a host that runs many layers ahead of the GPU (nothing in the step waits for
+    the GPU) would otherwise hold one layer input per layer it is ahead, and carry them into backward. Past the
+    limit the host waits for the oldest copy, which leaves ``limit`` layers of work queued on the GPU.
+    """
+
+    def __init__(self, limit: int = 2):
         self._pending: collections.deque = collections.deque()
+        self.limit = limit
 
     def hold(self, tensor: torch.Tensor, done: torch.cuda.Event) -> None:
         self.release_finished()
+        while len(self._pending) >= self.limit:
+            self._pending.popleft()[1].synchronize()
         self._pending.append((tensor, done))
 
     def release_finished(self) -> None:

@@ -282,3 +282,43 @@ def test_offload_recompute_skips_the_mlp_output_where_nothing_reads_it(family, s
     assert seen == [False, False] + [skips, skips], seen  # forward of 2 layers, then their recomputes
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     assert_grads_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_copies_in_flight_are_bounded():
+    """A host far ahead of the GPU holds at most ``limit`` copy sources: past it, it waits for the oldest copy."""
+    from pronghorn.memory import offload
+
+    torch.cuda.synchronize()
+    offload._COPYING.release_finished()
+    torch.cuda._sleep(200_000_000)  # no copy can finish while the records below are made
+    records = [offload.OffloadedActivation(torch.randn(1024, 1024, device="cuda"), link=False) for _ in range(5)]
+    assert len(offload._COPYING) == offload._COPYING.limit
+    torch.cuda.synchronize()
+    offload._COPYING.release_finished()
+    assert len(offload._COPYING) == 0
+    del records
+
+
+def test_copy_sources_wait_for_the_oldest_copy_past_their_limit():
+    from pronghorn.memory import offload
+
+    class Copy:  # stands in for the copy's CUDA event
+        def __init__(self):
+            self.done = self.waited = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = self.done = True
+
+    sources, copies = offload._CopySources(limit=2), [Copy() for _ in range(4)]
+    for copy in copies[:2]:
+        sources.hold(torch.zeros(1), copy)
+    assert len(sources) == 2 and not any(c.waited for c in copies)
+    copies[1].done = True  # finished on its own: released without waiting, but only in order
+    sources.hold(torch.zeros(1), copies[2])
+    assert copies[0].waited and not copies[1].waited and len(sources) == 2
+    sources.hold(torch.zeros(1), copies[3])
+    assert not copies[2].waited and len(sources) == 2  # copies[1] had finished: released, no wait
