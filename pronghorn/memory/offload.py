@@ -301,6 +301,14 @@ class _CopySources:
 _COPYING = _CopySources()
 
 
+def set_copy_lead(layers: int) -> None:
+    """How many layer inputs may wait for their copy to the host at once: how many layers of work the host may
+    queue ahead of the GPU in the forward pass (see :class:`_CopySources`)."""
+    if layers < 1:
+        raise ValueError(f"the copy lead must be at least 1 layer, got {layers}")
+    _COPYING.limit = int(layers)
+
+
 def copies_in_flight_bytes() -> int:
     """Bytes of device tensors whose copy to the host has not finished yet."""
     _COPYING.release_finished()

@@ -1,0 +1,124 @@
+"""How far the host may run ahead of the GPU in the forward pass, against step time and peak memory.
+
+pronghorn's offloaded checkpointing holds each layer input until its copy to the host is done, and makes the
+host wait once ``lead`` copies are pending (:func:`pronghorn.memory.offload.set_copy_lead`): a longer lead lets
+the host spend time it gained in the backward pass (where the GPU is the pace) on the forward pass (where the
+host is), at one layer input of memory per extra layer. This script loads one model once, warms it up, then
+times every lead in interleaved rounds, so drift of the machine is shared by all of them.
+
+    python benchmarks/copy_lead_sweep.py --mode bf16 --leads 2,4,8 --rounds 2 --steps 10 --out $OUT/lead-bf16.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import train_throughput as tt  # noqa: E402
+
+
+def _phase_times(marks) -> dict:
+    """Host and GPU milliseconds of each phase of one step. A phase whose host time is at least its GPU time
+    kept the GPU waiting on Python (the host can only fall behind there, not get ahead)."""
+    out = {}
+    for name, (t0, e0), (t1, e1) in zip(("forward", "backward", "optimizer"), marks, marks[1:]):
+        out[name] = {"host": (t1 - t0) * 1e3, "gpu": e0.elapsed_time(e1)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="bf16", choices=tt.MODES)
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--model-dir")
+    p.add_argument("--leads", default="2,4,8")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per lead per round")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from pronghorn.memory.offload import set_copy_lead
+
+    shape = common.get_shape(args.shape)
+    model_dir = Path(args.model_dir or f"/dev/shm/pronghorn-bench/{shape.name}")
+    targs = tt.parse_args(["--shape", args.shape, "--config", "pronghorn", "--mode", args.mode, "--out", "/dev/null"])
+    model = tt.load_pronghorn(targs, shape, model_dir, shape.seq_len)
+    leads = [int(x) for x in args.leads.split(",")]
+    n = args.warmup + args.rounds * len(leads) * args.steps
+    batches = tt.make_batches(shape.config["vocab_size"], n, shape.batch_size, shape.seq_len).pin_memory()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
+    model.train()
+
+    phases = []  # per timed step: (host ms, GPU ms) of forward, backward and optimizer step
+
+    def step(ids, record=False):
+        marks = []
+
+        def mark():
+            if record:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append((time.perf_counter(), event))
+
+        mark()
+        ids = ids.to("cuda", non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        mark()
+        loss.backward()
+        mark()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark()
+        if record:
+            phases.append(marks)
+
+    batch = iter(batches)
+    for _ in range(args.warmup):
+        step(next(batch))
+    runs = {lead: {"step_ms": [], "peak_gib": [], "host_issue_ms": []} for lead in leads}
+    for _ in range(args.rounds):
+        for lead in leads:
+            set_copy_lead(lead)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            timer = common.Timer("cuda")
+            timer.mark()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(next(batch), record=True)
+                timer.mark()
+            issue = time.perf_counter() - t0
+            runs[lead]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
+            runs[lead]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
+            runs[lead]["host_issue_ms"].append(issue / args.steps * 1e3)
+            runs[lead]["phases_ms"] = runs[lead].get("phases_ms", []) + [_phase_times(m) for m in phases]
+            phases.clear()
+    summary = {lead: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
+                      "min_ms": min(r["step_ms"]), "max_ms": max(r["step_ms"]), "peak_gib": max(r["peak_gib"]),
+                      **{f"{phase}_{side}_median_ms": statistics.median(p[phase][side] for p in r["phases_ms"])
+                         for phase in ("forward", "backward", "optimizer") for side in ("host", "gpu")}}
+               for lead, r in runs.items()}
+    record = {"mode": args.mode, "shape": args.shape, "commit": args.commit, "gpu": torch.cuda.get_device_name(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": common.package_versions(),
+              "workload": f"{shape.batch_size}x{shape.seq_len}, LoRA r=32 all linear, offloaded checkpointing",
+              "rounds": args.rounds, "steps_per_round": args.steps, "summary": summary, "runs": runs}
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    for lead, s in summary.items():
+        print(f"{args.mode} lead {lead}: median {s['median_ms']:.1f} ms, mean {s['mean_ms']:.1f}, "
+              f"range {s['min_ms']:.0f}-{s['max_ms']:.0f}, peak {s['peak_gib']:.2f} GiB; host/GPU ms forward "
+              f"{s['forward_host_median_ms']:.0f}/{s['forward_gpu_median_ms']:.0f}, backward "
+              f"{s['backward_host_median_ms']:.0f}/{s['backward_gpu_median_ms']:.0f}, optimizer "
+              f"{s['optimizer_host_median_ms']:.1f}/{s['optimizer_gpu_median_ms']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
