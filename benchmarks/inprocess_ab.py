@@ -1,12 +1,14 @@
-"""How far the host may run ahead of the GPU in the forward pass, against step time and peak memory.
+"""A/B of run-time settings of pronghorn in one process: step time, peak memory, host and GPU time per phase.
 
-pronghorn's offloaded checkpointing holds each layer input until its copy to the host is done, and makes the
-host wait once ``lead`` copies are pending (:func:`pronghorn.memory.offload.set_copy_lead`): a longer lead lets
-the host spend time it gained in the backward pass (where the GPU is the pace) on the forward pass (where the
-host is), at one layer input of memory per extra layer. This script loads one model once, warms it up, then
-times every lead in interleaved rounds, so drift of the machine is shared by all of them.
+Loads the model once, warms it up, then times every setting in interleaved rounds, so drift of the machine
+(clocks, a busy host) is shared by all of them; comparisons across processes or machines are much noisier
+than the differences these settings make. Settings (``--settings``, comma-separated):
 
-    python benchmarks/copy_lead_sweep.py --mode bf16 --leads 2,4,8 --rounds 2 --steps 10 --out $OUT/lead-bf16.json
+* ``leadN``: at most N layer inputs wait for their copy to the host (:func:`pronghorn.memory.offload.set_copy_lead`;
+  default 2): how many layers of work the host may queue ahead of the GPU in the forward pass.
+* ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
+
+    python benchmarks/inprocess_ab.py --mode bf16 --settings lead2,lead8 --rounds 2 --steps 10 --out $OUT/ab.json
 """
 from __future__ import annotations
 
@@ -33,26 +35,40 @@ def _phase_times(marks) -> dict:
     return out
 
 
+def apply_setting(name: str) -> None:
+    """Put every knob back to its default, then set the one ``name`` names."""
+    from pronghorn.memory.offload import set_copy_lead
+
+    set_copy_lead(2)
+    torch.backends.cuda.preferred_blas_library("default")
+    if name.startswith("lead"):
+        set_copy_lead(int(name[4:]))
+    elif name.startswith("blas-"):
+        torch.backends.cuda.preferred_blas_library(name[5:])
+    elif name != "default":
+        raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt or default")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="bf16", choices=tt.MODES)
     p.add_argument("--shape", default="llama-3.1-8b")
     p.add_argument("--model-dir")
-    p.add_argument("--leads", default="2,4,8")
+    p.add_argument("--settings", default="default,lead8")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per lead per round")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting per round")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from pronghorn.memory.offload import set_copy_lead
-
     shape = common.get_shape(args.shape)
     model_dir = Path(args.model_dir or f"/dev/shm/pronghorn-bench/{shape.name}")
     targs = tt.parse_args(["--shape", args.shape, "--config", "pronghorn", "--mode", args.mode, "--out", "/dev/null"])
     model = tt.load_pronghorn(targs, shape, model_dir, shape.seq_len)
-    leads = [int(x) for x in args.leads.split(",")]
-    n = args.warmup + args.rounds * len(leads) * args.steps
+    settings = args.settings.split(",")
+    for name in settings:
+        apply_setting(name)  # an unknown name fails here, before the model loads
+    n = args.warmup + args.rounds * len(settings) * args.steps
     batches = tt.make_batches(shape.config["vocab_size"], n, shape.batch_size, shape.seq_len).pin_memory()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     model.train()
@@ -84,10 +100,10 @@ def main() -> None:
     batch = iter(batches)
     for _ in range(args.warmup):
         step(next(batch))
-    runs = {lead: {"step_ms": [], "peak_gib": [], "host_issue_ms": []} for lead in leads}
+    runs = {setting: {"step_ms": [], "peak_gib": [], "host_issue_ms": []} for setting in settings}
     for _ in range(args.rounds):
-        for lead in leads:
-            set_copy_lead(lead)
+        for setting in settings:
+            apply_setting(setting)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             timer = common.Timer("cuda")
@@ -97,23 +113,23 @@ def main() -> None:
                 step(next(batch), record=True)
                 timer.mark()
             issue = time.perf_counter() - t0
-            runs[lead]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
-            runs[lead]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
-            runs[lead]["host_issue_ms"].append(issue / args.steps * 1e3)
-            runs[lead]["phases_ms"] = runs[lead].get("phases_ms", []) + [_phase_times(m) for m in phases]
+            runs[setting]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
+            runs[setting]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
+            runs[setting]["host_issue_ms"].append(issue / args.steps * 1e3)
+            runs[setting]["phases_ms"] = runs[setting].get("phases_ms", []) + [_phase_times(m) for m in phases]
             phases.clear()
-    summary = {lead: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
+    summary = {setting: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
                       "min_ms": min(r["step_ms"]), "max_ms": max(r["step_ms"]), "peak_gib": max(r["peak_gib"]),
                       **{f"{phase}_{side}_median_ms": statistics.median(p[phase][side] for p in r["phases_ms"])
                          for phase in ("forward", "backward", "optimizer") for side in ("host", "gpu")}}
-               for lead, r in runs.items()}
+               for setting, r in runs.items()}
     record = {"mode": args.mode, "shape": args.shape, "commit": args.commit, "gpu": torch.cuda.get_device_name(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": common.package_versions(),
               "workload": f"{shape.batch_size}x{shape.seq_len}, LoRA r=32 all linear, offloaded checkpointing",
               "rounds": args.rounds, "steps_per_round": args.steps, "summary": summary, "runs": runs}
     Path(args.out).write_text(json.dumps(record, indent=1))
-    for lead, s in summary.items():
-        print(f"{args.mode} lead {lead}: median {s['median_ms']:.1f} ms, mean {s['mean_ms']:.1f}, "
+    for setting, s in summary.items():
+        print(f"{args.mode} {setting}: median {s['median_ms']:.1f} ms, mean {s['mean_ms']:.1f}, "
               f"range {s['min_ms']:.0f}-{s['max_ms']:.0f}, peak {s['peak_gib']:.2f} GiB; host/GPU ms forward "
               f"{s['forward_host_median_ms']:.0f}/{s['forward_gpu_median_ms']:.0f}, backward "
               f"{s['backward_host_median_ms']:.0f}/{s['backward_gpu_median_ms']:.0f}, optimizer "
