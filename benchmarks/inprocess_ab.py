@@ -7,6 +7,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``leadN``: at most N layer inputs wait for their copy to the host (:func:`pronghorn.memory.offload.set_copy_lead`;
   default 2): how many layers of work the host may queue ahead of the GPU in the forward pass.
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
+* ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
+  (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
 
     python benchmarks/inprocess_ab.py --mode bf16 --settings lead2,lead8 --rounds 2 --steps 10 --out $OUT/ab.json
 """
@@ -38,15 +40,23 @@ def _phase_times(marks) -> dict:
 def apply_setting(name: str) -> None:
     """Put every knob back to its default, then set the one ``name`` names."""
     from pronghorn.memory.offload import set_copy_lead
+    from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
     set_copy_lead(2)
     torch.backends.cuda.preferred_blas_library("default")
+    set_residual_stash(False)
+    set_stashed_layers(0)
     if name.startswith("lead"):
         set_copy_lead(int(name[4:]))
     elif name.startswith("blas-"):
         torch.backends.cuda.preferred_blas_library(name[5:])
+    elif name == "residual":
+        set_residual_stash(True)
+    elif name.startswith("stash"):
+        set_stashed_layers(int(name[5:]))
     elif name != "default":
-        raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt or default")
+        raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt, residual, stashN "
+                         "or default")
 
 
 def main() -> None:
