@@ -324,3 +324,18 @@ def test_copy_sources_wait_for_the_oldest_copy_past_their_limit():
     assert copies[0].waited and not copies[1].waited and len(sources) == 2
     sources.hold(torch.zeros(1), copies[3])
     assert not copies[2].waited and len(sources) == 2  # copies[1] had finished: released, no wait
+
+
+def test_set_copy_lead_sets_the_bound_and_rejects_less_than_one_layer():
+    from pronghorn.memory import offload
+
+    default = offload._COPYING.limit
+    try:
+        offload.set_copy_lead(5)
+        assert offload._COPYING.limit == 5
+        with pytest.raises(ValueError, match="at least 1 layer, got 0"):
+            offload.set_copy_lead(0)
+        assert offload._COPYING.limit == 5
+    finally:
+        offload.set_copy_lead(default)
+    assert offload._COPYING.limit == 2
