@@ -57,16 +57,6 @@ def host_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def device_us(fn, calls: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls * 1e3
-
-
 def launches(fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -94,7 +84,7 @@ def main() -> None:
             for _ in range(3):
                 fn()
             results[f"{library}/{name}"] = {"host_us": host_us(fn, args.calls, args.repeats),
-                                            "device_us": device_us(fn, args.calls), **launches(fn)}
+                                            "device_us": common.time_ms(fn, "cuda", 0, args.calls) * 1e3, **launches(fn)}
             r = results[f"{library}/{name}"]
             print(f"{library:8s} {name:28s} host {r['host_us']:6.1f} us  device {r['device_us']:7.1f} us  "
                   f"memsets {r['memsets']}  kernels {r['kernels']}")
