@@ -74,16 +74,16 @@ def main() -> None:
     shape = common.get_shape(args.shape)
     model_dir = Path(args.model_dir or f"/dev/shm/pronghorn-bench/{shape.name}")
     targs = tt.parse_args(["--shape", args.shape, "--config", "pronghorn", "--mode", args.mode, "--out", "/dev/null"])
-    model = tt.load_pronghorn(targs, shape, model_dir, shape.seq_len)
     settings = args.settings.split(",")
     for name in settings:
         apply_setting(name)  # an unknown name fails here, before the model loads
+    model = tt.load_pronghorn(targs, shape, model_dir, shape.seq_len)
     n = args.warmup + args.rounds * len(settings) * args.steps
     batches = tt.make_batches(shape.config["vocab_size"], n, shape.batch_size, shape.seq_len).pin_memory()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     model.train()
 
-    phases = []  # per timed step: (host ms, GPU ms) of forward, backward and optimizer step
+    phases = []  # per recorded step: (host time, CUDA event) at its start and after forward, backward, optimizer
 
     def step(ids, record=False):
         marks = []
@@ -110,7 +110,7 @@ def main() -> None:
     batch = iter(batches)
     for _ in range(args.warmup):
         step(next(batch))
-    runs = {setting: {"step_ms": [], "peak_gib": [], "host_issue_ms": []} for setting in settings}
+    runs = {setting: {"step_ms": [], "peak_gib": [], "host_issue_ms": [], "phases_ms": []} for setting in settings}
     for _ in range(args.rounds):
         for setting in settings:
             apply_setting(setting)
@@ -126,7 +126,7 @@ def main() -> None:
             runs[setting]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
             runs[setting]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
             runs[setting]["host_issue_ms"].append(issue / args.steps * 1e3)
-            runs[setting]["phases_ms"] = runs[setting].get("phases_ms", []) + [_phase_times(m) for m in phases]
+            runs[setting]["phases_ms"] += [_phase_times(m) for m in phases]
             phases.clear()
     summary = {setting: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
                       "min_ms": min(r["step_ms"]), "max_ms": max(r["step_ms"]), "peak_gib": max(r["peak_gib"]),
