@@ -323,7 +323,7 @@ def time_ms(fn, device, warmup: int, iters: int) -> float:
 
 
 def gemm_bench_parser(description: str) -> argparse.ArgumentParser:
-    """The options of the cuBLAS layout microbenchmarks (bench_grouped_gemm, bench_lora_epilogue)."""
+    """The options of the cuBLAS microbenchmarks (bench_grouped_gemm, bench_lora_epilogue, bench_gemm_host)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--iters", type=int, default=50, help="back-to-back calls per timing")

@@ -3,15 +3,16 @@
 A training step of an 8B model issues about 1,400 ``mm`` and 500 ``addmm_`` calls (the LoRA factors' small
 GEMMs among them), and the device timeline shows a ``Memset`` before many of the cuBLAS kernels. For each GEMM
 shape of one Llama-3.1-8B layer at 2 x 2048 tokens and each BLAS library PyTorch can pick (``cublas``,
-``cublaslt``), this times the host per call (``--calls`` calls issued back to back, then one sync: the queue
+``cublaslt``), this times the host per call (``--iters`` calls issued back to back, then one sync: the queue
 never fills, so it is issue time, not device time), the device time per call, and counts the kernels and
 memsets one call launches (torch.profiler).
 
-    python benchmarks/kernels/bench_gemm_host.py --out $OUT/gemm_host.json
+    python benchmarks/kernels/bench_gemm_host.py --iters 40 --repeats 15 --out $OUT/gemm_host.json
+
+(the settings of the committed ``results/kernels/bench_gemm_host.json``, whose ``calls`` field is ``--iters``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -71,11 +72,7 @@ def launches(fn) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calls", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args = common.gemm_bench_parser(__doc__).parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = {}
     for library in ("cublas", "cublaslt"):
@@ -83,13 +80,13 @@ def main() -> None:
         for name, fn in cases(gen).items():
             for _ in range(3):
                 fn()
-            results[f"{library}/{name}"] = {"host_us": host_us(fn, args.calls, args.repeats),
-                                            "device_us": common.time_ms(fn, "cuda", 0, args.calls) * 1e3, **launches(fn)}
+            results[f"{library}/{name}"] = {"host_us": host_us(fn, args.iters, args.repeats),
+                                            "device_us": common.time_ms(fn, "cuda", 0, args.iters) * 1e3, **launches(fn)}
             r = results[f"{library}/{name}"]
             print(f"{library:8s} {name:28s} host {r['host_us']:6.1f} us  device {r['device_us']:7.1f} us  "
                   f"memsets {r['memsets']}  kernels {r['kernels']}")
     record = {"kind": "gemm_host", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": torch.cuda.get_device_name(),
-              "versions": common.package_versions(), "calls": args.calls, "repeats": args.repeats, "results": results}
+              "versions": common.package_versions(), "iters": args.iters, "repeats": args.repeats, "results": results}
     Path(args.out).write_text(json.dumps(record, indent=1))
 
 
