@@ -4,8 +4,8 @@ Loads the model once, warms it up, then times every setting in interleaved round
 (clocks, a busy host) is shared by all of them; comparisons across processes or machines are much noisier
 than the differences these settings make. Settings (``--settings``, comma-separated):
 
-* ``leadN``: at most N layer inputs wait for their copy to the host (:func:`pronghorn.memory.offload.set_copy_lead`;
-  default 2): how many layers of work the host may queue ahead of the GPU in the forward pass.
+* ``leadN``: at most N layer inputs wait for their copy to the host (:func:`pronghorn.memory.offload.set_copy_lead`,
+  default ``DEFAULT_COPY_LEAD``): how many layers of work the host may queue ahead of the GPU in the forward pass.
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
@@ -39,10 +39,10 @@ def _phase_times(marks) -> dict:
 
 def apply_setting(name: str) -> None:
     """Put every knob back to its default, then set the one ``name`` names."""
-    from pronghorn.memory.offload import set_copy_lead
+    from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    set_copy_lead(2)
+    set_copy_lead(DEFAULT_COPY_LEAD)
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
@@ -83,29 +83,15 @@ def main() -> None:
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     model.train()
 
-    phases = []  # per recorded step: (host time, CUDA event) at its start and after forward, backward, optimizer
+    marks, recording = [], [False]  # (host time, CUDA event) before each recorded step and after its phases
 
-    def step(ids, record=False):
-        marks = []
+    def mark():
+        if recording[0]:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append((time.perf_counter(), event))
 
-        def mark():
-            if record:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                marks.append((time.perf_counter(), event))
-
-        mark()
-        ids = ids.to("cuda", non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        mark()
-        loss.backward()
-        mark()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mark()
-        if record:
-            phases.append(marks)
+    step = tt.make_step(model, opt, "cuda", mark=mark)
 
     batch = iter(batches)
     for _ in range(args.warmup):
@@ -119,15 +105,17 @@ def main() -> None:
             timer = common.Timer("cuda")
             timer.mark()
             t0 = time.perf_counter()
+            recording[0] = True
             for _ in range(args.steps):
-                step(next(batch), record=True)
+                step(next(batch))
                 timer.mark()
+            recording[0] = False
             issue = time.perf_counter() - t0
             runs[setting]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
             runs[setting]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
             runs[setting]["host_issue_ms"].append(issue / args.steps * 1e3)
-            runs[setting]["phases_ms"] += [_phase_times(m) for m in phases]
-            phases.clear()
+            runs[setting]["phases_ms"] += [_phase_times(marks[i:i + 4]) for i in range(0, len(marks), 4)]
+            marks.clear()
     summary = {setting: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
                       "min_ms": min(r["step_ms"]), "max_ms": max(r["step_ms"]), "peak_gib": max(r["peak_gib"]),
                       **{f"{phase}_{side}_median_ms": statistics.median(p[phase][side] for p in r["phases_ms"])

@@ -89,12 +89,9 @@ def main() -> None:
         stage("after loading and patching")
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
         ids = torch.randint(0, shape.config["vocab_size"], (2, 128), device="cuda")
+        step = tt.make_step(model, opt, "cuda")
         for _ in range(args.steps):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(ids)
         stage("after training steps")
         time.sleep(2)
         stage("after a 2 s pause")

@@ -217,6 +217,31 @@ def _gpu_clocks() -> dict:
         return {}
 
 
+def make_step(model, opt, device: str, autocast: bool = True, mark=None):
+    """The benchmark's training step, ``step(ids) -> loss``: forward with labels, backward, optimizer step,
+    zero_grad. ``mark``, when given, is called before the step and after each of its three phases."""
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def step(ids):
+        if mark:
+            mark()
+        ids = ids.to(device, non_blocking=True)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        if mark:
+            mark()
+        loss.backward()
+        if mark:
+            mark()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mark:
+            mark()
+        return loss.detach()
+
+    return step
+
+
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
           profile_path=None, find_syncs: bool = False) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
@@ -230,15 +255,7 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     opt = torch.optim.AdamW(params, lr=lr, fused=device.startswith("cuda"))
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     model.train()
-
-    def step(ids):
-        ids = ids.to(device, non_blocking=True)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    step = make_step(model, opt, device, autocast)
 
     t0 = time.perf_counter()
     warm_losses = [step(batches[i]) for i in range(warmup)]

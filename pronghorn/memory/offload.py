@@ -265,6 +265,10 @@ def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
     return _SIDE_STREAMS[key]
 
 
+# See _CopySources; longer leads were no faster (benchmarks/results/2026-11-22-llama-3.1-8b-inprocess-ab.md).
+DEFAULT_COPY_LEAD = 2
+
+
 class _CopySources:
     """Device tensors that a device-to-host copy still reads, each kept alive until its copy's event has
     completed. ``record_stream`` would also keep the memory safe, but the caching allocator counts such a
@@ -276,7 +280,7 @@ class _CopySources:
     limit the host waits for the oldest copy, which leaves ``limit`` layers of work queued on the GPU.
     """
 
-    def __init__(self, limit: int = 2):
+    def __init__(self, limit: int = DEFAULT_COPY_LEAD):
         self._pending: collections.deque = collections.deque()
         self.limit = limit
 
@@ -303,7 +307,7 @@ _COPYING = _CopySources()
 
 def set_copy_lead(layers: int) -> None:
     """How many layer inputs may wait for their copy to the host at once: how many layers of work the host may
-    queue ahead of the GPU in the forward pass (see :class:`_CopySources`)."""
+    queue ahead of the GPU in the forward pass (see :class:`_CopySources`; default :data:`DEFAULT_COPY_LEAD`)."""
     if layers < 1:
         raise ValueError(f"the copy lead must be at least 1 layer, got {layers}")
     _COPYING.limit = int(layers)

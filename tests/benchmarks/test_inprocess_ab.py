@@ -48,3 +48,24 @@ def test_process_facts_see_this_process():
     assert facts["python_threads"] >= 1 and facts["os_threads"] >= facts["python_threads"]
     assert facts["affinity"] >= 1 and facts["torch_threads"] >= 1
     assert isinstance(facts["busy_os_threads"], list)
+
+
+def test_the_shared_training_step_marks_each_phase_and_trains():
+    import torch
+    import train_throughput
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, labels):
+            return type("Out", (), {"loss": (self.w * input_ids.float()).mean()})()
+
+    model, calls = Tiny(), []
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    step = train_throughput.make_step(model, opt, "cpu", autocast=False, mark=lambda: calls.append(model.w.item()))
+    loss = step(torch.tensor([[1, 3]]))
+    assert loss.item() == 2.0 and not loss.requires_grad
+    assert calls == [1.0, 1.0, 1.0, -1.0]  # before, after forward, after backward, after the optimizer (w -= 2)
+    assert model.w.grad is None  # zero_grad(set_to_none=True)
