@@ -9,6 +9,10 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
+* ``graphs``: replay checkpointed layers as CUDA graphs (:mod:`pronghorn.memory.layer_graphs`). Its peak memory
+  adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
+
+After each switch ``--settle`` untimed steps run first (graphs are captured there).
 
     python benchmarks/inprocess_ab.py --mode bf16 --settings lead2,lead8 --rounds 2 --steps 10 --out $OUT/ab.json
 """
@@ -39,6 +43,7 @@ def _phase_times(marks) -> dict:
 
 def apply_setting(name: str) -> None:
     """Put every knob back to its default, then set the one ``name`` names."""
+    from pronghorn.memory.layer_graphs import set_layer_graphs
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
@@ -46,6 +51,7 @@ def apply_setting(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
+    set_layer_graphs(name == "graphs")
     if name.startswith("lead"):
         set_copy_lead(int(name[4:]))
     elif name.startswith("blas-"):
@@ -54,9 +60,9 @@ def apply_setting(name: str) -> None:
         set_residual_stash(True)
     elif name.startswith("stash"):
         set_stashed_layers(int(name[5:]))
-    elif name != "default":
-        raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt, residual, stashN "
-                         "or default")
+    elif name not in ("default", "graphs"):
+        raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt, residual, stashN, "
+                         "graphs or default")
 
 
 def main() -> None:
@@ -68,6 +74,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting per round")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--settle", type=int, default=2, help="untimed steps after each switch of setting")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -78,7 +85,8 @@ def main() -> None:
     for name in settings:
         apply_setting(name)  # an unknown name fails here, before the model loads
     model = tt.load_pronghorn(targs, shape, model_dir, shape.seq_len)
-    n = args.warmup + args.rounds * len(settings) * args.steps
+    from pronghorn.memory.layer_graphs import pool_bytes
+    n = args.warmup + args.rounds * len(settings) * (args.settle + args.steps)
     batches = tt.make_batches(shape.config["vocab_size"], n, shape.batch_size, shape.seq_len).pin_memory()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     model.train()
@@ -100,6 +108,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for setting in settings:
             apply_setting(setting)
+            for _ in range(args.settle):
+                step(next(batch))
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             timer = common.Timer("cuda")
@@ -112,12 +122,14 @@ def main() -> None:
             recording[0] = False
             issue = time.perf_counter() - t0
             runs[setting]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
-            runs[setting]["peak_gib"].append(torch.cuda.max_memory_allocated() / 2**30)
+            runs[setting]["peak_gib"].append((torch.cuda.max_memory_allocated() + (pool_bytes() or 0)) / 2**30)
+            runs[setting].setdefault("graph_pool_gib", []).append((pool_bytes() or 0) / 2**30)
             runs[setting]["host_issue_ms"].append(issue / args.steps * 1e3)
             runs[setting]["phases_ms"] += [_phase_times(marks[i:i + 4]) for i in range(0, len(marks), 4)]
             marks.clear()
     summary = {setting: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
                       "min_ms": min(r["step_ms"]), "max_ms": max(r["step_ms"]), "peak_gib": max(r["peak_gib"]),
+                      "graph_pool_gib": max(r.get("graph_pool_gib", [0])),
                       **{f"{phase}_{side}_median_ms": statistics.median(p[phase][side] for p in r["phases_ms"])
                          for phase in ("forward", "backward", "optimizer") for side in ("host", "gpu")}}
                for setting, r in runs.items()}
@@ -128,7 +140,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(record, indent=1))
     for setting, s in summary.items():
         print(f"{args.mode} {setting}: median {s['median_ms']:.1f} ms, mean {s['mean_ms']:.1f}, "
-              f"range {s['min_ms']:.0f}-{s['max_ms']:.0f}, peak {s['peak_gib']:.2f} GiB; host/GPU ms forward "
+              f"range {s['min_ms']:.0f}-{s['max_ms']:.0f}, peak {s['peak_gib']:.2f} GiB (graph pool {s['graph_pool_gib']:.2f}); host/GPU ms forward "
               f"{s['forward_host_median_ms']:.0f}/{s['forward_gpu_median_ms']:.0f}, backward "
               f"{s['backward_host_median_ms']:.0f}/{s['backward_gpu_median_ms']:.0f}, optimizer "
               f"{s['optimizer_host_median_ms']:.1f}/{s['optimizer_gpu_median_ms']:.1f}")

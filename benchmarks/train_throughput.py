@@ -291,6 +291,11 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     if device_type == "cuda":  # read before the diagnostic steps below, which are not part of the timed run
         peaks = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                  "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        graphs = sys.modules.get("pronghorn.memory.layer_graphs")
+        if graphs is not None and graphs.layer_graphs_enabled():
+            # Replays allocate nothing, so the allocator's peak leaves out the graphs' pool: add it.
+            pool = (graphs.pool_bytes() or 0) / 2**30
+            peaks.update(peak_gib=peaks["peak_gib"] + pool, graph_pool_gib=pool)
     host_syncs = common.find_host_syncs(step, batches[0]) if find_syncs and device_type == "cuda" else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from pronghorn.kernels.dequant import handoff as dequant_handoff
+from pronghorn.memory import layer_graphs
 from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash, next_layer_stash
 
@@ -341,8 +342,10 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.record.stash = stash = next_layer_stash()
         # The other positional arguments are rare (transformers passes hidden_states alone) and small.
         ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]
-        with active_stash(stash):
-            outputs = run_function(*args)
+        outputs = layer_graphs.run_forward(run_function, args, offload_index) if stash is None else None
+        if outputs is None:
+            with active_stash(stash):
+                outputs = run_function(*args)
         if isinstance(outputs, torch.Tensor):
             ctx.single = True
             return outputs
@@ -359,6 +362,14 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         record = ctx.record
         hidden = record.restore()
         record.prefetch_previous()
+        graphed = None
+        if record.stash is None:
+            args = [hidden if i == ctx.offload_index else a for i, a in enumerate(ctx.others)]
+            graphed = layer_graphs.run_backward(ctx.run_function, args, ctx.offload_index, ctx.input_needs_grad,
+                                                ctx.autocast, grad_outputs)
+        if graphed is not None:
+            ctx.record = ctx.others = ctx.run_function = None
+            return (None, None, None, None, *graphed)
         inputs = []
         for i, a in enumerate(ctx.others):
             a = hidden if i == ctx.offload_index else a

@@ -19,6 +19,7 @@ them cached. Fused optimizers update weights without bumping their version, so t
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -48,6 +49,18 @@ def end_steps() -> None:
     _entries = None
     _recorded.clear()
     _used.clear()
+
+
+@contextlib.contextmanager
+def uncached():
+    """Within: every call casts afresh and nothing is cached (a CUDA graph being captured must make its own casts,
+    from the weights themselves, rather than read cache buffers it could outlive)."""
+    global _entries
+    saved, _entries = _entries, None
+    try:
+        yield
+    finally:
+        _entries = saved
 
 
 def _key(tensors, dtype):

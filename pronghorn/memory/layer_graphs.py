@@ -1,0 +1,486 @@
+"""CUDA graphs of checkpointed decoder layers: one launch per layer and pass instead of hundreds from Python.
+
+With offloaded checkpointing (:mod:`pronghorn.memory.offload`) every decoder layer runs twice per step: a
+forward without autograd, then, inside backward, a recompute with autograd and its backward. At training
+shapes an 8B model's step is paced by the host about as much as by the GPU: issuing a step's kernels takes
+Python about as long as the GPU needs to run them, so the GPU idles wherever the host falls behind
+(benchmarks/results/2026-11-22-llama-3.1-8b-inprocess-ab.md). A layer called again with the same shapes and
+adapter state launches the same kernels on the same weights, so from its second call on, its forward and its
+recompute-plus-backward are each captured once and then replayed.
+
+What keeps a replay equal to running the layer:
+
+- Inputs are copied into static buffers shared by all layers: the layer input and upstream gradient on every
+  call, the bound keyword tensors (RoPE cos/sin, masks) only when they are other tensors than last time.
+- Outputs leave a graph through static buffers outside its memory pool, so no graph keeps intermediates alive
+  after it ends and all graphs share one pool, about one layer's working set.
+- Parameter gradients are added, inside the graph, to persistent buffers that are the parameters' ``.grad``;
+  a ``zero_grad`` that set them to None is noticed and the buffers are zeroed first.
+- LoRA factors are cast inside the graph rather than taken from the step's cast cache (whose buffers a graph
+  could outlive), and autocast's weight cache is off while capturing.
+
+A call is graphed only where replaying cannot differ from running: CUDA tensors, no dropout, no stash, no
+gradient hooks on the layer's parameters, no distributed training, arguments that are tensors or plain values,
+and at most :data:`MAX_SHAPES` layer-input shapes (data of many lengths would otherwise capture without end).
+Whatever a capture cannot hold (a host sync, say) makes it fail; that call signature then stays eager.
+
+Off by default; :func:`set_layer_graphs` or ``PRONGHORN_CUDA_GRAPHS=1`` turns it on.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pronghorn.kernels.dequant import handoff as dequant_handoff
+from pronghorn.kernels.lora import cast_cache
+from pronghorn.memory.recompute import backward_recompute
+from pronghorn.memory.stash import active_stash
+from pronghorn.nn.positions import holds_one_sequence_per_row, one_sequence_positions
+
+__all__ = ["layer_graphs_enabled", "pool_bytes", "reset", "run_backward", "run_forward", "set_layer_graphs"]
+
+logger = logging.getLogger(__name__)
+
+MAX_SHAPES = 4  # distinct layer-input shapes that get graphs; the rest of the shapes run eagerly
+CAPTURE_AT = 2  # the call (per signature) that captures; earlier calls run eagerly and warm everything up
+
+_config = {"on": os.environ.get("PRONGHORN_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "on", "yes")}
+
+
+def set_layer_graphs(on: bool) -> None:
+    """Replay checkpointed layers as CUDA graphs (True) or run them eagerly (False, the default)."""
+    _config["on"] = bool(on)
+    if not on:
+        reset()
+
+
+def layer_graphs_enabled() -> bool:
+    return _config["on"]
+
+
+class _Ineligible(Exception):
+    """A layer call that must run eagerly; the message says why."""
+
+
+class _State:
+    """Every captured graph, the static buffers they read and write, and the pool their intermediates share."""
+
+    def __init__(self):
+        self.graphs: dict[tuple, _Graph] = {}
+        self.calls: dict[tuple, int] = {}
+        self.failed: dict[tuple, str] = {}
+        self.shapes: set[tuple] = set()
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.last_copied: dict[tuple, tuple] = {}
+        self.grad_buffers: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self.pool = None
+        self.stream: torch.cuda.Stream | None = None
+
+
+_state = _State()
+
+
+def reset() -> None:
+    """Drop every graph and buffer (their memory returns to PyTorch's cache)."""
+    global _state
+    _state = _State()
+
+
+# ------------------------------------------------------------------------------------------- signatures
+
+
+def _layer_of(function: Callable) -> nn.Module | None:
+    """The module a checkpointed call runs: transformers passes ``partial(layer.__call__, **kwargs)``."""
+    if not isinstance(function, functools.partial):
+        return None
+    owner = getattr(function.func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _describe(value: Any, tensors: list) -> Any:
+    """A hashable description of ``value`` with its tensors appended to ``tensors`` (by shape, not value)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        marked = holds_one_sequence_per_row(value)
+        return ("tensor", tuple(value.shape), value.dtype, value.stride(), value.device, value.requires_grad, marked)
+    if value is None or type(value) in (bool, int, float, str):
+        return (type(value), value)
+    if type(value) in (tuple, list):
+        return (type(value), tuple(_describe(v, tensors) for v in value))
+    if type(value) is dict:
+        return (dict, tuple((k, _describe(v, tensors)) for k, v in value.items()))
+    raise _Ineligible(f"an argument of type {type(value).__name__}")
+
+
+def _rebuild(value: Any, tensors) -> Any:
+    """``value`` with its tensors replaced, in order, by those of the iterator ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        return next(tensors)
+    if type(value) in (tuple, list):
+        return type(value)(_rebuild(v, tensors) for v in value)
+    if type(value) is dict:
+        return {k: _rebuild(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _layer_state(layer: nn.Module) -> tuple:
+    """What decides the kernels a layer launches besides its arguments: training mode, which parameters train,
+    and each LoRA projection's adapter state (enabled, merged, active adapter, scale)."""
+    from pronghorn.nn.lora import _state_key
+
+    cached = layer.__dict__.get("_pronghorn_graph_modules")
+    if cached is None:
+        modules = [m for m in layer.modules() if "base_layer" in m._modules]
+        params = list(layer.parameters())
+        cached = layer.__dict__["_pronghorn_graph_modules"] = (modules, params)
+    modules, params = cached
+    return (layer.training, tuple(p.requires_grad for p in params), tuple(_state_key(m) for m in modules))
+
+
+def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
+    """The layer's trainable parameters; raises :class:`_Ineligible` where a replay could differ from a run."""
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    for m in layer.modules():
+        if m.training and ((isinstance(m, nn.Dropout) and m.p > 0) or getattr(m, "attention_dropout", 0) > 0):
+            raise _Ineligible(f"dropout in {type(m).__name__} (a replay would repeat the first mask)")
+    for p in trainable:
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            raise _Ineligible("a gradient hook on a parameter (a graph adds gradients without running hooks)")
+    return trainable
+
+
+def _signature(phase: str, function: Callable, args: tuple) -> tuple[tuple, list, Any]:
+    """``(key, tensors, structure)`` of a call: the key holds everything a replay depends on besides tensor
+    values; the tensors are the call's, in the order :func:`_rebuild` puts them back."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise _Ineligible("distributed training (gradient hooks of DDP/FSDP)")
+    if torch.cuda.is_current_stream_capturing():
+        raise _Ineligible("already inside a CUDA graph capture")
+    layer = _layer_of(function)
+    if layer is None:
+        raise _Ineligible("the checkpointed function is not a module call")
+    tensors: list[torch.Tensor] = []
+    structure = (list(args), function.args, function.keywords)
+    spec = _describe(structure, tensors)
+    if not all(t.is_cuda for t in tensors):
+        raise _Ineligible("an argument is not a CUDA tensor")
+    return (phase, id(layer), spec, _layer_state(layer)), tensors, structure
+
+
+# ---------------------------------------------------------------------------------------------- buffers
+
+
+def _buffer(slot: Any, like: torch.Tensor, marked: bool = False) -> torch.Tensor:
+    """The static buffer for ``slot`` shaped like ``like``, shared by every graph that has such an input."""
+    key = (slot, tuple(like.shape), like.dtype, like.stride(), like.device)
+    buf = _state.buffers.get(key)
+    if buf is None:
+        if marked:  # 0..S-1 in every row, known without copying; its mark spares attention a host sync
+            buf = one_sequence_positions(like.shape[-1], like.device).expand(like.shape)
+        else:
+            buf = torch.empty_like(like)
+        _state.buffers[key] = buf
+    return buf
+
+
+def _fill(buf: torch.Tensor, src: torch.Tensor, always: bool) -> None:
+    """Copy ``src`` into ``buf`` unless it is the tensor (unchanged) copied there last time."""
+    if holds_one_sequence_per_row(buf):
+        return
+    key = id(buf)
+    last = _state.last_copied.get(key)
+    if always or last is None or last[0] is not src or last[1] != src._version:
+        buf.copy_(src)
+        _state.last_copied[key] = (src, src._version)
+
+
+def _grad_buffer(p: nn.Parameter) -> torch.Tensor:
+    entry = _state.grad_buffers.get(id(p))
+    if entry is None or entry[0] is not p:
+        entry = _state.grad_buffers[id(p)] = (p, torch.zeros_like(p))
+    return entry[1]
+
+
+def _attach_grads(params: list[nn.Parameter], buffers: list[torch.Tensor]) -> None:
+    """Make each buffer its parameter's ``.grad``, holding the gradient accumulated so far (zero if none)."""
+    fresh = []
+    for p, buf in zip(params, buffers):
+        grad = p.grad
+        if grad is buf:
+            continue
+        if grad is None:
+            fresh.append(buf)
+        else:
+            buf.copy_(grad)
+        p.grad = buf
+    if fresh:
+        torch._foreach_zero_(fresh)
+
+
+# ---------------------------------------------------------------------------------------------- graphs
+
+
+class _Graph:
+    """One captured layer call: its graph and the static tensors it reads and writes."""
+
+    def __init__(self, graph, inputs, outputs=(), single=True, grad_out=None, grad_in=None, params=(),
+                 grad_buffers=()):
+        self.graph = graph
+        self.inputs = inputs  # [(static buffer, copy every call)] in the order of the call's tensors
+        self.outputs, self.single = list(outputs), single  # forward: static output buffers
+        self.grad_out, self.grad_in = grad_out, grad_in
+        self.params, self.grad_buffers = list(params), list(grad_buffers)
+
+    def load(self, tensors: list[torch.Tensor]) -> None:
+        for (buf, always), src in zip(self.inputs, tensors):
+            _fill(buf, src, always)
+
+
+def _capture(body: Callable[[bool], None], device: torch.device) -> torch.cuda.CUDAGraph:
+    """Run ``body(warm=True)`` once on the capture stream (lazy initialisation stays out of the graph), then
+    capture ``body(warm=False)``. The caller replays the graph for this call's result."""
+    if _state.pool is None:
+        _state.pool = torch.cuda.graph_pool_handle()
+        _state.stream = torch.cuda.Stream(device)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(_state.stream):
+        body(True)
+        torch.cuda.synchronize(device)
+        graph.capture_begin(pool=_state.pool, capture_error_mode="thread_local")
+        try:
+            body(False)
+        except BaseException:
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(_state.stream)
+    return graph
+
+
+def _autocast(device: torch.device, state: tuple):
+    """Autocast as ``state`` (enabled, dtype) with its weight cache off: a cast cached during capture would live
+    in the graph's pool, and one cached before capture would be freed while the graph still reads it."""
+    return torch.autocast(device.type, dtype=state[1], enabled=state[0], cache_enabled=False)
+
+
+_EAGER = (None, None, None, None)
+
+
+def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
+    """``(key, graph, tensors, structure)`` of this call (see :func:`_signature`). ``graph`` None means run it
+    eagerly (off, ineligible, failed, too many shapes, or not called :data:`CAPTURE_AT` times yet); "capture"
+    means capture it now."""
+    if not _config["on"] or not args[hidden_index].is_cuda:
+        return _EAGER
+    try:
+        key, tensors, structure = _signature(phase, function, args)
+    except _Ineligible as e:
+        _note_eager(("ineligible", str(e)), str(e))
+        return _EAGER
+    key += extra
+    graph = _state.graphs.get(key)
+    if graph is not None:
+        return key, graph, tensors, structure
+    if key in _state.failed:
+        return _EAGER
+    shape = tuple(args[hidden_index].shape)
+    if shape not in _state.shapes and len(_state.shapes) >= MAX_SHAPES:
+        return _EAGER
+    calls = _state.calls[key] = _state.calls.get(key, 0) + 1
+    if calls < CAPTURE_AT:
+        return _EAGER
+    _state.shapes.add(shape)
+    return key, "capture", tensors, structure
+
+
+def _note_eager(key, reason: str) -> None:
+    if key not in _state.failed:
+        _state.failed[key] = reason
+        logger.info("pronghorn: a checkpointed layer runs without CUDA graphs: %s", reason)
+
+
+def _static_call(function, spec, static_tensors):
+    """``function`` and its positional arguments with every tensor replaced by its static buffer."""
+    args, fargs, fkw = _rebuild(spec, iter(static_tensors))
+    return functools.partial(function.func, *fargs, **fkw), args
+
+
+def _static_inputs(tensors: list, hidden: torch.Tensor) -> list:
+    """``[(buffer, copy every call)]`` for a call's tensors, filled with this call's values."""
+    inputs = []
+    for i, t in enumerate(tensors):
+        if t is hidden:
+            inputs.append((_buffer("hidden", t), True))
+        else:
+            inputs.append((_buffer(("arg", i), t, marked=holds_one_sequence_per_row(t)), False))
+    for (buf, always), t in zip(inputs, tensors):
+        _fill(buf, t, always)
+    return inputs
+
+
+def _outputs(result) -> tuple[list, bool]:
+    single = isinstance(result, torch.Tensor)
+    outs = [result] if single else list(result) if isinstance(result, tuple) else None
+    if outs is None or any(o is not None and not isinstance(o, torch.Tensor) for o in outs):
+        raise _Ineligible(f"the layer returned a {type(result).__name__}, not a tensor or a tuple of tensors")
+    return outs, single
+
+
+def _try_capture(key, body, device) -> torch.cuda.CUDAGraph | None:
+    try:
+        return _capture(body, device)
+    except Exception as e:  # noqa: BLE001 - any failure leaves this signature eager, with the reason logged
+        _note_eager(key, f"capture failed, {type(e).__name__}: {e}")
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def run_forward(function: Callable, args: tuple, hidden_index: int):
+    """``function(*args)`` (a checkpointed layer's forward, no autograd) replayed from its graph, or None: run
+    it eagerly."""
+    device = args[hidden_index].device
+    autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    key, graph, tensors, spec = _lookup("forward", function, args, hidden_index, (autocast,))
+    if graph is None:
+        return None
+    if graph == "capture":
+        graph = _capture_forward(key, function, spec, tensors, args[hidden_index], autocast)
+        if graph is None:
+            return None
+    else:
+        graph.load(tensors)
+    graph.graph.replay()
+    outs = [None if o is None else o.clone() for o in graph.outputs]
+    return outs[0] if graph.single else tuple(outs)
+
+
+def _capture_forward(key, function, spec, tensors, hidden, autocast):
+    inputs = _static_inputs(tensors, hidden)
+    call, call_args = _static_call(function, spec, [b for b, _ in inputs])
+    made: dict = {}
+
+    def body(warm: bool) -> None:
+        with _autocast(hidden.device, autocast), cast_cache.uncached():
+            outs, made["single"] = _outputs(call(*call_args))
+        made["outputs"] = [None if o is None else _buffer(("out", i), o) for i, o in enumerate(outs)]
+        for s, o in zip(made["outputs"], outs):
+            if s is not None:
+                s.copy_(o)
+
+    graph = _try_capture(key, body, hidden.device)
+    if graph is None:
+        return None
+    entry = _state.graphs[key] = _Graph(graph, inputs, outputs=made["outputs"], single=made["single"])
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------- backward
+
+
+def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: list[bool], autocast: dict,
+                 grad_outputs: tuple):
+    """Gradients of a checkpointed layer's inputs (one per entry of ``args``, None where none is needed) from
+    its graphed recompute and backward, with its parameters' gradients added to their ``.grad``; or None: run
+    it eagerly. ``args`` holds the restored layer input at ``hidden_index``; ``autocast`` is the forward's."""
+    if any(n for i, n in enumerate(needs_grad) if i != hidden_index):
+        return None  # other inputs needing gradients: rare, and not worth a graph
+    live = [i for i, g in enumerate(grad_outputs) if g is not None]
+    if len(live) != 1:
+        return None
+    state = (autocast["enabled"], autocast["dtype"])
+    key, graph, tensors, spec = _lookup("backward", function, args, hidden_index,
+                                        (state, needs_grad[hidden_index], tuple(live)))
+    if graph is None:
+        return None
+    grad = grad_outputs[live[0]]
+    if graph == "capture":
+        graph = _capture_backward(key, function, spec, tensors, args[hidden_index], needs_grad[hidden_index],
+                                  autocast, live[0], grad)
+        if graph is None:
+            return None
+    else:
+        graph.load(tensors)
+        _load_grad(graph.grad_out, grad)
+    _attach_grads(graph.params, graph.grad_buffers)
+    graph.graph.replay()
+    return [graph.grad_in if i == hidden_index else None for i in range(len(args))]
+
+
+def _load_grad(static: torch.Tensor, grad: torch.Tensor) -> None:
+    """Copy the upstream gradient in, unless it is already there: the gradient a graphed layer returns is the
+    static buffer the graphed layer below reads."""
+    if not (grad.data_ptr() == static.data_ptr() and grad.shape == static.shape and grad.stride() == static.stride()
+            and grad.dtype == static.dtype):
+        static.copy_(grad)
+
+
+def _grad_buffers_for(grad: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static upstream-gradient and input-gradient buffers: the two of a pair, so the input gradient one layer
+    returns is where the next layer down reads its upstream gradient (no copy between graphed layers)."""
+    pair = [_buffer(("grad", j), grad) for j in (0, 1)]
+    ours = next((j for j, b in enumerate(pair) if b.data_ptr() == grad.data_ptr()), 0)
+    return pair[ours], _buffer(("grad", 1 - ours), hidden)
+
+
+def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autocast, live, grad):
+    try:
+        params = _check_layer(_layer_of(function))
+    except _Ineligible as e:
+        _note_eager(key, str(e))
+        return None
+    inputs = _static_inputs(tensors, hidden)
+    statics = [b for b, _ in inputs]
+    leaf = statics[next(i for i, t in enumerate(tensors) if t is hidden)].detach().requires_grad_(needs_hidden)
+    call, call_args = _static_call(function, spec, [leaf if t is hidden else b for t, b in zip(tensors, statics)])
+    grad_out, grad_in = _grad_buffers_for(grad, hidden)
+    _load_grad(grad_out, grad)
+    buffers = [_grad_buffer(p) for p in params]
+    targets = ([leaf] if needs_hidden else []) + params
+    device = hidden.device
+
+    def body(warm: bool) -> None:
+        with torch.enable_grad(), _autocast(device, (autocast["enabled"], autocast["dtype"])), \
+                backward_recompute(), active_stash(None), cast_cache.uncached(), \
+                dequant_handoff.recompute_to_backward() as handoff:
+            outs, _ = _outputs(call(*call_args))
+            handoff.collecting = False
+            grads = torch.autograd.grad(outs[live], targets, grad_out, allow_unused=True)
+        if needs_hidden:
+            grad_in.copy_(grads[0]) if grads[0] is not None else grad_in.zero_()
+        pairs = [(b, g) for b, g in zip(buffers, grads[len(targets) - len(params):]) if g is not None]
+        if pairs and not warm:
+            torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
+
+    graph = _try_capture(key, body, device)
+    if graph is None:
+        return None
+    entry = _state.graphs[key] = _Graph(graph, inputs, grad_out=grad_out, grad_in=grad_in if needs_hidden else None,
+                                        params=params, grad_buffers=buffers)
+    return entry
+
+
+def pool_bytes() -> int | None:
+    """Device memory held by the graphs' shared pool (None where PyTorch's snapshot does not say)."""
+    if _state.pool is None:
+        return 0
+    total, known = 0, False
+    for segment in torch.cuda.memory_snapshot():
+        pool = segment.get("segment_pool_id")
+        if pool is None:
+            continue
+        known = True
+        if tuple(pool) == tuple(_state.pool):
+            total += segment["total_size"]
+    return total if known else None

@@ -1,0 +1,205 @@
+"""CUDA graphs of checkpointed layers (pronghorn.memory.layer_graphs): which calls may be graphed, how gradients
+reach ``.grad``, and (on the GPU) that graphed training gives the losses and gradients of eager training."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from pronghorn.kernels.lora import cast_cache
+from pronghorn.memory import layer_graphs
+from pronghorn.memory.layer_graphs import _Ineligible
+from tests.memory._util import assert_grads_close, trainable_grads
+
+
+@pytest.fixture
+def graphs_on():
+    layer_graphs.set_layer_graphs(True)
+    yield
+    layer_graphs.set_layer_graphs(False)
+
+
+def test_off_by_default_and_cpu_calls_run_eagerly(graphs_on):
+    layer = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        assert layer_graphs.run_forward(functools.partial(layer.__call__), (x,), 0) is None
+    assert not layer_graphs._state.graphs
+
+
+def test_a_call_is_described_by_shapes_and_plain_values_and_rebuilt_in_order():
+    a, b = torch.randn(2, 3), torch.randn(5)
+    value = ([a], (), {"pos": (b, None), "flag": True, "n": 3})
+    tensors = []
+    spec = layer_graphs._describe(value, tensors)
+    assert tensors == [a, b]
+    other = []
+    assert layer_graphs._describe(([a + 1], (), {"pos": (b * 2, None), "flag": True, "n": 3}), other) == spec
+    assert layer_graphs._describe(([a], (), {"pos": (b, None), "flag": False, "n": 3}), []) != spec
+    c, d = torch.zeros(2, 3), torch.zeros(5)
+    rebuilt = layer_graphs._rebuild(value, iter([c, d]))
+    assert rebuilt[0][0] is c and rebuilt[2]["pos"][0] is d and rebuilt[2]["flag"] is True
+
+
+def test_arguments_a_graph_cannot_replay_are_refused():
+    with pytest.raises(_Ineligible, match="of type object"):
+        layer_graphs._describe({"cache": object()}, [])
+
+
+def test_the_checkpointed_function_must_be_a_module_call():
+    assert layer_graphs._layer_of(functools.partial(nn.Linear(2, 2).__call__)) is not None
+    assert layer_graphs._layer_of(lambda x: x) is None
+    assert layer_graphs._layer_of(functools.partial(torch.relu)) is None
+
+
+def test_dropout_and_gradient_hooks_keep_a_layer_eager():
+    layer = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)).train()
+    with pytest.raises(_Ineligible, match="dropout"):
+        layer_graphs._check_layer(layer)
+    layer.eval()
+    assert len(layer_graphs._check_layer(layer)) == 2
+    layer[0].weight.register_post_accumulate_grad_hook(lambda p: None)
+    with pytest.raises(_Ineligible, match="hook"):
+        layer_graphs._check_layer(layer)
+
+
+def test_the_layer_state_follows_training_mode_and_trainable_parameters():
+    layer = nn.Sequential(nn.Linear(4, 4))
+    first = layer_graphs._layer_state(layer)
+    layer[0].bias.requires_grad_(False)
+    second = layer_graphs._layer_state(layer)
+    layer.eval()
+    assert len({first, second, layer_graphs._layer_state(layer)}) == 3
+
+
+def test_gradient_buffers_become_grad_zeroed_after_set_to_none_and_keep_accumulating():
+    p = nn.Parameter(torch.ones(3))
+    buf = torch.full((3,), 7.0)
+    layer_graphs._attach_grads([p], [buf])  # no gradient yet: the buffer starts at zero
+    assert p.grad is buf and torch.equal(buf, torch.zeros(3))
+    buf += 2  # what a replay adds
+    layer_graphs._attach_grads([p], [buf])  # accumulating: untouched
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    p.grad = torch.full((3,), 5.0)  # someone else's tensor: its value is taken over
+    layer_graphs._attach_grads([p], [buf])
+    assert p.grad is buf and torch.equal(buf, torch.full((3,), 5.0))
+
+
+def test_marked_positions_get_a_marked_static_buffer_that_is_never_copied():
+    from pronghorn.nn.positions import holds_one_sequence_per_row, one_sequence_positions
+
+    layer_graphs.reset()
+    pos = one_sequence_positions(6, "cpu")
+    buf = layer_graphs._buffer(("arg", 0), pos, marked=True)
+    assert holds_one_sequence_per_row(buf) and torch.equal(buf, pos)
+    layer_graphs._fill(buf, torch.zeros_like(pos), always=True)
+    assert torch.equal(buf, pos)
+
+
+def test_static_buffers_copy_a_tensor_again_only_when_it_changed():
+    layer_graphs.reset()
+    src = torch.ones(4)
+    buf = layer_graphs._buffer(("arg", 1), src)
+    layer_graphs._fill(buf, src, always=False)
+    buf.zero_()
+    layer_graphs._fill(buf, src, always=False)  # same tensor, same version: not copied
+    assert torch.equal(buf, torch.zeros(4))
+    src.add_(1)
+    layer_graphs._fill(buf, src, always=False)
+    assert torch.equal(buf, torch.full((4,), 2.0))
+
+
+def test_uncached_casts_afresh_inside_a_step():
+    a = torch.randn(4, 4)
+    cast_cache.begin_step()
+    try:
+        cached = cast_cache.cast(a, torch.float16)
+        assert cast_cache.cast(a, torch.float16) is cached
+        with cast_cache.uncached():
+            assert cast_cache.cast(a, torch.float16) is not cached
+        assert cast_cache.cast(a, torch.float16) is cached
+    finally:
+        cast_cache.end_steps()
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+def _train(path, graphs: bool, steps: int, lengths, quantized=False, toggle_adapters=False):
+    """Losses and final gradients of a few AdamW steps (two micro-batches each) of a LoRA model under offloaded
+    checkpointing, with or without layer graphs."""
+    from pronghorn import FastLanguageModel
+
+    layer_graphs.set_layer_graphs(graphs)
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, load_in_4bit=quantized,
+                                                 dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False, use_gradient_checkpointing="unsloth",
+                                             random_state=0)
+    model.cuda().train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        for _ in range(2):
+            ids = torch.randint(5, 500, (2, lengths[step % len(lengths)]), generator=gen).cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if toggle_adapters and step == steps - 2:
+                    with model.disable_adapter():
+                        model(input_ids=ids, labels=ids).loss.backward()  # base only: LoRA A gets no gradient
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+        grads = trainable_grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    captured = len(layer_graphs._state.graphs)
+    layer_graphs.set_layer_graphs(False)
+    return losses, grads, captured
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
+def test_graphed_layers_train_like_eager_layers(family, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.factories import save_tiny
+
+    path = save_tiny(family, tmp_path / family, num_hidden_layers=3)
+    losses, grads, _ = _train(path, False, steps=4, lengths=[64])
+    g_losses, g_grads, captured = _train(path, True, steps=4, lengths=[64])
+    assert captured == 6  # forward and backward of each of the 3 layers
+    assert g_losses == pytest.approx(losses, rel=1e-3)
+    assert_grads_close(g_grads, grads, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_graphs_follow_sequence_length_and_adapter_state(tmp_path):
+    """A new length runs eagerly and then gets graphs of its own; disabling the adapter inside a step runs the
+    layers with the other state, not the graphs captured with the adapter on."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.factories import save_tiny
+
+    path = save_tiny("llama", tmp_path / "llama", num_hidden_layers=2)
+    kwargs = dict(steps=5, lengths=[64, 64, 96], toggle_adapters=True)
+    losses, grads, _ = _train(path, False, **kwargs)
+    g_losses, g_grads, captured = _train(path, True, **kwargs)
+    assert captured >= 8
+    assert g_losses == pytest.approx(losses, rel=1e-3)
+    assert_grads_close(g_grads, grads, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_graphed_qlora_layers_train_like_eager_layers(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    from tests.factories import save_tiny
+
+    path = save_tiny("llama", tmp_path / "llama", num_hidden_layers=2)
+    losses, grads, _ = _train(path, False, steps=3, lengths=[64], quantized=True)
+    g_losses, g_grads, captured = _train(path, True, steps=3, lengths=[64], quantized=True)
+    assert captured == 4
+    assert g_losses == pytest.approx(losses, rel=1e-3)
+    assert_grads_close(g_grads, grads, atol=1e-3, rtol=1e-2)
