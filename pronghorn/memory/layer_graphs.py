@@ -303,6 +303,11 @@ def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
     return key, "capture", tensors, structure
 
 
+def _replay(graph: _Graph) -> None:
+    graph.graph.replay()
+    _state.replays += 1
+
+
 def _note_eager(key, reason: str) -> None:
     if key not in _state.failed:
         _state.failed[key] = reason
@@ -361,7 +366,7 @@ def run_forward(function: Callable, args: tuple, hidden_index: int):
             return None
     else:
         graph.load(tensors)
-    graph.graph.replay()
+    _replay(graph)
     outs = [None if o is None else o.clone() for o in graph.outputs]
     return outs[0] if graph.single else tuple(outs)
 
@@ -414,7 +419,7 @@ def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: 
         graph.load(tensors)
         _load_grad(graph.grad_out, grad)
     _attach_grads(graph.params, graph.grad_buffers)
-    graph.graph.replay()
+    _replay(graph)
     return [graph.grad_in if i == hidden_index else None for i in range(len(args))]
 
 
