@@ -73,6 +73,7 @@ class _State:
 
     def __init__(self):
         self.graphs: dict[tuple, _Graph] = {}
+        self.replays = 0
         self.calls: dict[tuple, int] = {}
         self.failed: dict[tuple, str] = {}
         self.shapes: set[tuple] = set()
