@@ -10,7 +10,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
 * ``graphs``: replay checkpointed layers as CUDA graphs (:mod:`pronghorn.memory.layer_graphs`). Its peak memory
-  adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
+  adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing). ``graphs-ceN``:
+  graphs, and N token rows per cross-entropy chunk (a smaller logits buffer).
 
 After each switch ``--settle`` untimed steps run first (graphs are captured there).
 
@@ -43,6 +44,7 @@ def _phase_times(marks) -> dict:
 
 def apply_setting(name: str) -> None:
     """Put every knob back to its default, then set the one ``name`` names."""
+    from pronghorn.kernels.cross_entropy import set_default_chunk_rows
     from pronghorn.memory.layer_graphs import set_layer_graphs
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
@@ -51,7 +53,8 @@ def apply_setting(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
-    set_layer_graphs(name == "graphs")
+    set_layer_graphs(name.startswith("graphs"))
+    set_default_chunk_rows(int(name[9:]) if name.startswith("graphs-ce") else None)
     if name.startswith("lead"):
         set_copy_lead(int(name[4:]))
     elif name.startswith("blas-"):
@@ -60,9 +63,9 @@ def apply_setting(name: str) -> None:
         set_residual_stash(True)
     elif name.startswith("stash"):
         set_stashed_layers(int(name[5:]))
-    elif name not in ("default", "graphs"):
+    elif not (name in ("default", "graphs") or name.startswith("graphs-ce")):
         raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt, residual, stashN, "
-                         "graphs or default")
+                         "graphs, graphs-ceN or default")
 
 
 def main() -> None:

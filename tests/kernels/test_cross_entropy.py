@@ -8,6 +8,7 @@ from pronghorn.kernels.cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
     pick_chunk_rows,
+    set_default_chunk_rows,
 )
 from tests.tolerances import assert_close
 
@@ -343,3 +344,15 @@ def test_gpu_launch_config_under_interpreter(monkeypatch):
     monkeypatch.setattr(ce_triton, "ce_tile_config", lambda n_cols, on_gpu: (1, 64))
     hidden, weight, bias, labels = _inputs(5, 8, 131, torch.float32, bias=True, ignore=(1,))
     _check(torch.float32, hidden, weight, bias, labels, softcap=3.0, chunk_size=3)
+
+
+def test_a_default_chunk_size_applies_where_callers_pass_none():
+    try:
+        set_default_chunk_rows(64)
+        assert pick_chunk_rows(100, 1000, torch.device("cpu")) == 64
+        assert pick_chunk_rows(100, 1000, torch.device("cpu"), chunk_size=7) == 7
+        with pytest.raises(ValueError, match="positive int"):
+            set_default_chunk_rows(0)
+    finally:
+        set_default_chunk_rows(None)
+    assert pick_chunk_rows(100, 1000, torch.device("cpu")) == ce_function.CPU_CHUNK_ROWS

@@ -23,12 +23,30 @@ _MIN_CHUNK, _MAX_CHUNK = 1024, 65536
 _MAX_CHUNK_BYTES = 512 * 2**20
 
 
+_default_rows: list[int | None] = [None]
+
+
+def set_default_chunk_rows(rows: int | None) -> None:
+    """Token rows per chunk wherever a caller passes no ``chunk_size`` (None: pick from free memory, the
+    default). Fewer rows mean a smaller logits buffer: the step's largest transient, which peak memory pays
+    for wherever it does not reuse memory freed by the layers (with CUDA graphs of the layers it cannot)."""
+    if rows is not None:
+        _check_chunk_size(rows)
+    _default_rows[0] = rows
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def pick_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_size: int | None = None) -> int:
-    """Token rows per chunk. Explicit ``chunk_size`` wins; on CUDA, the largest power of two whose
-    fp32 [rows, V] buffer fits in 1/8 of free memory and in 512 MiB, clamped to [1024, 65536]; on CPU 256."""
+    """Token rows per chunk. Explicit ``chunk_size`` wins, then :func:`set_default_chunk_rows`; on CUDA, the
+    largest power of two whose fp32 [rows, V] buffer fits in 1/8 of free memory and in 512 MiB, clamped to
+    [1024, 65536]; on CPU 256."""
+    chunk_size = _default_rows[0] if chunk_size is None else chunk_size
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        _check_chunk_size(chunk_size)
         return chunk_size
     if device.type != "cuda":
         return CPU_CHUNK_ROWS
