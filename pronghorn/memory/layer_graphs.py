@@ -14,8 +14,8 @@ What keeps a replay equal to running the layer:
   call, the bound keyword tensors (RoPE cos/sin, masks) only when they are other tensors than last time.
 - Outputs leave a graph through static buffers outside its memory pool, so no graph keeps intermediates alive
   after it ends and all graphs share one pool, about one layer's working set.
-- Parameter gradients are added, inside the graph, to persistent buffers that are the parameters' ``.grad``;
-  a ``zero_grad`` that set them to None is noticed and the buffers are zeroed first.
+- Parameter gradients leave the graph through a scratch buffer and reach ``.grad`` after the replay as autograd
+  would put them there (new tensors, or added to the ones there), see :class:`_ParamGrads`.
 - LoRA factors are cast inside the graph rather than taken from the step's cast cache (whose buffers a graph
   could outlive), and autocast's weight cache is off while capturing.
 
@@ -79,7 +79,6 @@ class _State:
         self.shapes: set[tuple] = set()
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.last_copied: dict[tuple, tuple] = {}
-        self.grad_buffers: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         self.pool = None
         self.stream: torch.cuda.Stream | None = None
 
@@ -201,27 +200,56 @@ def _fill(buf: torch.Tensor, src: torch.Tensor, always: bool) -> None:
         _state.last_copied[key] = (src, src._version)
 
 
-def _grad_buffer(p: nn.Parameter) -> torch.Tensor:
-    entry = _state.grad_buffers.get(id(p))
-    if entry is None or entry[0] is not p:
-        entry = _state.grad_buffers[id(p)] = (p, torch.zeros_like(p))
-    return entry[1]
+class _ParamGrads:
+    """Where a graphed backward leaves its parameters' gradients, and how they reach ``.grad``.
+
+    The graph copies them into one flat scratch buffer per dtype, outside its pool and shared by every layer of
+    the same layout. After each replay they are handed over as autograd would: a new tensor where ``.grad`` is
+    None (one clone of the flat buffer, viewed per parameter), added to ``.grad`` otherwise (accumulation). So
+    gradients live as long as with eager layers, until ``zero_grad`` frees them, and one layer's scratch is all
+    that stays allocated.
+    """
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.used: list[nn.Parameter] = []
+        self.groups: list[tuple[list[nn.Parameter], torch.Tensor, list[int]]] = []
+
+    def write(self, grads: list) -> None:
+        """Inside the graph: copy the gradients (one per parameter, None where unused) into the scratch."""
+        self.used = [p for p, g in zip(self.params, grads) if g is not None]
+        given = {id(p): g for p, g in zip(self.params, grads) if g is not None}
+        self.groups = []
+        for dtype in dict.fromkeys(p.dtype for p in self.used):
+            ps = [p for p in self.used if p.dtype == dtype]
+            sizes = [p.numel() for p in ps]
+            key = ("param grads", dtype, tuple(sizes), ps[0].device)
+            flat = _state.buffers.get(key)
+            if flat is None:
+                flat = _state.buffers[key] = torch.empty(sum(sizes), dtype=dtype, device=ps[0].device)
+            torch._foreach_copy_(_views(flat, ps, sizes), [given[id(p)] for p in ps])
+            self.groups.append((ps, flat, sizes))
+
+    def hand_off(self) -> None:
+        """After a replay: add the scratch to each ``.grad``, or make it the ``.grad`` where there is none."""
+        for ps, flat, sizes in self.groups:
+            if all(p.grad is None for p in ps):
+                for p, g in zip(ps, _views(flat.clone(), ps, sizes)):
+                    p.grad = g
+                continue
+            dst, src = [], []
+            for p, g in zip(ps, _views(flat, ps, sizes)):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    dst.append(p.grad)
+                    src.append(g)
+            if dst:
+                torch._foreach_add_(dst, src)
 
 
-def _attach_grads(params: list[nn.Parameter], buffers: list[torch.Tensor]) -> None:
-    """Make each buffer its parameter's ``.grad``, holding the gradient accumulated so far (zero if none)."""
-    fresh = []
-    for p, buf in zip(params, buffers):
-        grad = p.grad
-        if grad is buf:
-            continue
-        if grad is None:
-            fresh.append(buf)
-        else:
-            buf.copy_(grad)
-        p.grad = buf
-    if fresh:
-        torch._foreach_zero_(fresh)
+def _views(flat: torch.Tensor, params: list, sizes: list[int]) -> list[torch.Tensor]:
+    return [v.view_as(p) for v, p in zip(flat.split(sizes), params)]
 
 
 # ---------------------------------------------------------------------------------------------- graphs
@@ -230,13 +258,12 @@ def _attach_grads(params: list[nn.Parameter], buffers: list[torch.Tensor]) -> No
 class _Graph:
     """One captured layer call: its graph and the static tensors it reads and writes."""
 
-    def __init__(self, graph, inputs, outputs=(), single=True, grad_out=None, grad_in=None, params=(),
-                 grad_buffers=()):
+    def __init__(self, graph, inputs, outputs=(), single=True, grad_out=None, grad_in=None, param_grads=None):
         self.graph = graph
         self.inputs = inputs  # [(static buffer, copy every call)] in the order of the call's tensors
         self.outputs, self.single = list(outputs), single  # forward: static output buffers
         self.grad_out, self.grad_in = grad_out, grad_in
-        self.params, self.grad_buffers = list(params), list(grad_buffers)
+        self.param_grads = param_grads  # backward: a _ParamGrads
 
     def load(self, tensors: list[torch.Tensor]) -> None:
         for (buf, always), src in zip(self.inputs, tensors):
@@ -419,8 +446,8 @@ def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: 
     else:
         graph.load(tensors)
         _load_grad(graph.grad_out, grad)
-    _attach_grads(graph.params, graph.grad_buffers)
     _replay(graph)
+    graph.param_grads.hand_off()
     return [graph.grad_in if i == hidden_index else None for i in range(len(args))]
 
 
@@ -452,7 +479,7 @@ def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autoca
     call, call_args = _static_call(function, spec, [leaf if t is hidden else b for t, b in zip(tensors, statics)])
     grad_out, grad_in = _grad_buffers_for(grad, hidden)
     _load_grad(grad_out, grad)
-    buffers = [_grad_buffer(p) for p in params]
+    param_grads = _ParamGrads(params)
     targets = ([leaf] if needs_hidden else []) + params
     device = hidden.device
 
@@ -465,15 +492,13 @@ def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autoca
             grads = torch.autograd.grad(outs[live], targets, grad_out, allow_unused=True)
         if needs_hidden:
             grad_in.copy_(grads[0]) if grads[0] is not None else grad_in.zero_()
-        pairs = [(b, g) for b, g in zip(buffers, grads[len(targets) - len(params):]) if g is not None]
-        if pairs and not warm:
-            torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
+        param_grads.write(list(grads[len(targets) - len(params):]))
 
     graph = _try_capture(key, body, device)
     if graph is None:
         return None
     entry = _state.graphs[key] = _Graph(graph, inputs, grad_out=grad_out, grad_in=grad_in if needs_hidden else None,
-                                        params=params, grad_buffers=buffers)
+                                        param_grads=param_grads)
     return entry
 
 

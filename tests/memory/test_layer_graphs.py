@@ -72,17 +72,23 @@ def test_the_layer_state_follows_training_mode_and_trainable_parameters():
     assert len({first, second, layer_graphs._layer_state(layer)}) == 3
 
 
-def test_gradient_buffers_become_grad_zeroed_after_set_to_none_and_keep_accumulating():
-    p = nn.Parameter(torch.ones(3))
-    buf = torch.full((3,), 7.0)
-    layer_graphs._attach_grads([p], [buf])  # no gradient yet: the buffer starts at zero
-    assert p.grad is buf and torch.equal(buf, torch.zeros(3))
-    buf += 2  # what a replay adds
-    layer_graphs._attach_grads([p], [buf])  # accumulating: untouched
-    assert torch.equal(p.grad, torch.full((3,), 2.0))
-    p.grad = torch.full((3,), 5.0)  # someone else's tensor: its value is taken over
-    layer_graphs._attach_grads([p], [buf])
-    assert p.grad is buf and torch.equal(buf, torch.full((3,), 5.0))
+def test_parameter_gradients_are_handed_over_like_autograd_would():
+    """New tensors where ``.grad`` is None (freed again by zero_grad), added where it holds a gradient, nothing for
+    a parameter without one; the scratch the graph writes is reused."""
+    layer_graphs.reset()
+    a, b, c = nn.Parameter(torch.ones(2, 3)), nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(1))
+    grads = layer_graphs._ParamGrads([a, b, c])
+    grads.write([torch.full((2, 3), 2.0), torch.full((4,), 3.0), None])
+    grads.hand_off()
+    assert torch.equal(a.grad, torch.full((2, 3), 2.0)) and torch.equal(b.grad, torch.full((4,), 3.0))
+    assert c.grad is None
+    scratch = grads.groups[0][1]
+    assert a.grad.data_ptr() != scratch.data_ptr()  # the .grad tensors are not the scratch
+    grads.hand_off()  # a second micro-batch: accumulated
+    assert torch.equal(a.grad, torch.full((2, 3), 4.0)) and torch.equal(b.grad, torch.full((4,), 6.0))
+    a.grad = None  # one parameter zeroed by set_to_none, the other still holding its gradient
+    grads.hand_off()
+    assert torch.equal(a.grad, torch.full((2, 3), 2.0)) and torch.equal(b.grad, torch.full((4,), 9.0))
 
 
 def test_marked_positions_get_a_marked_static_buffer_that_is_never_copied():
