@@ -1,12 +1,16 @@
 """CUDA graphs of checkpointed decoder layers: one launch per layer and pass instead of hundreds from Python.
 
 With offloaded checkpointing (:mod:`pronghorn.memory.offload`) every decoder layer runs twice per step: a
-forward without autograd, then, inside backward, a recompute with autograd and its backward. At training
-shapes an 8B model's step is paced by the host about as much as by the GPU: issuing a step's kernels takes
-Python about as long as the GPU needs to run them, so the GPU idles wherever the host falls behind
-(benchmarks/results/2026-11-22-llama-3.1-8b-inprocess-ab.md). A layer called again with the same shapes and
-adapter state launches the same kernels on the same weights, so from its second call on, its forward and its
-recompute-plus-backward are each captured once and then replayed.
+forward without autograd, then, inside backward, a recompute with autograd and its backward. Issuing those
+kernels one by one from Python takes the host about as long as the GPU needs to run them, so a slow or busy host
+leaves the GPU idle. A layer called again with the same shapes and adapter state launches the same kernels on
+the same weights, so from its second call on, its forward and its recompute-plus-backward are each captured
+once and then replayed.
+
+Measured on an H100 (benchmarks/results/2026-11-22-layer-graphs.md): the host then issues the backward in a
+third of the time, and slow, host-caused steps disappear. But that GPU runs at its power limit, so standalone
+Llama-3.1-8B steps were no shorter, and the graphs' pool added 0.25-0.30 GiB to peak memory. Hence off by
+default.
 
 What keeps a replay equal to running the layer:
 
@@ -212,16 +216,15 @@ class _ParamGrads:
 
     def __init__(self, params: list[nn.Parameter]):
         self.params = params
-        self.used: list[nn.Parameter] = []
         self.groups: list[tuple[list[nn.Parameter], torch.Tensor, list[int]]] = []
 
     def write(self, grads: list) -> None:
         """Inside the graph: copy the gradients (one per parameter, None where unused) into the scratch."""
-        self.used = [p for p, g in zip(self.params, grads) if g is not None]
+        used = [p for p, g in zip(self.params, grads) if g is not None]
         given = {id(p): g for p, g in zip(self.params, grads) if g is not None}
         self.groups = []
-        for dtype in dict.fromkeys(p.dtype for p in self.used):
-            ps = [p for p in self.used if p.dtype == dtype]
+        for dtype in dict.fromkeys(p.dtype for p in used):
+            ps = [p for p in used if p.dtype == dtype]
             sizes = [p.numel() for p in ps]
             key = ("param grads", dtype, tuple(sizes), ps[0].device)
             flat = _state.buffers.get(key)
@@ -400,6 +403,8 @@ def run_forward(function: Callable, args: tuple, hidden_index: int):
 
 
 def _capture_forward(key, function, spec, tensors, hidden, autocast):
+    if _checked_params(key, function) is None:
+        return None
     inputs = _static_inputs(tensors, hidden)
     call, call_args = _static_call(function, spec, [b for b, _ in inputs])
     made: dict = {}
@@ -467,11 +472,18 @@ def _grad_buffers_for(grad: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.T
     return pair[ours], _buffer(("grad", 1 - ours), hidden)
 
 
-def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autocast, live, grad):
+def _checked_params(key, function) -> list[nn.Parameter] | None:
+    """The trainable parameters of the layer ``function`` calls, or None (logged) where it must stay eager."""
     try:
-        params = _check_layer(_layer_of(function))
+        return _check_layer(_layer_of(function))
     except _Ineligible as e:
         _note_eager(key, str(e))
+        return None
+
+
+def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autocast, live, grad):
+    params = _checked_params(key, function)
+    if params is None:
         return None
     inputs = _static_inputs(tensors, hidden)
     statics = [b for b, _ in inputs]

@@ -63,6 +63,14 @@ def test_dropout_and_gradient_hooks_keep_a_layer_eager():
         layer_graphs._check_layer(layer)
 
 
+def test_a_layer_with_dropout_is_never_captured_and_runs_eagerly():
+    layer = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    layer_graphs.reset()
+    key = ("forward", id(layer))
+    assert layer_graphs._capture_forward(key, functools.partial(layer.__call__), None, [], None, None) is None
+    assert "dropout" in layer_graphs._state.failed[key] and not layer_graphs._state.graphs
+
+
 def test_the_layer_state_follows_training_mode_and_trainable_parameters():
     layer = nn.Sequential(nn.Linear(4, 4))
     first = layer_graphs._layer_state(layer)
