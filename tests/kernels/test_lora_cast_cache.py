@@ -89,3 +89,16 @@ def test_an_optimizer_step_between_steps_is_seen():
     fresh = lora_mlp(x, gate, up, down)  # no cache at all
     assert torch.equal(got, fresh)
     assert not torch.equal(stale, fresh)
+
+
+def test_uncached_casts_afresh_inside_a_step():
+    a = torch.randn(4, 4)
+    cast_cache.begin_step()
+    try:
+        cached = cast_cache.cast(a, torch.float16)
+        assert cast_cache.cast(a, torch.float16) is cached
+        with cast_cache.uncached():
+            assert cast_cache.cast(a, torch.float16) is not cached
+        assert cast_cache.cast(a, torch.float16) is cached
+    finally:
+        cast_cache.end_steps()

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from pronghorn.kernels.lora import cast_cache
 from pronghorn.memory import layer_graphs
 from pronghorn.memory.layer_graphs import _Ineligible
 from tests.memory._util import assert_grads_close, trainable_grads
@@ -124,19 +123,6 @@ def test_static_buffers_copy_a_tensor_again_only_when_it_changed():
     src.add_(1)
     layer_graphs._fill(buf, src, always=False)
     assert torch.equal(buf, torch.full((4,), 2.0))
-
-
-def test_uncached_casts_afresh_inside_a_step():
-    a = torch.randn(4, 4)
-    cast_cache.begin_step()
-    try:
-        cached = cast_cache.cast(a, torch.float16)
-        assert cast_cache.cast(a, torch.float16) is cached
-        with cast_cache.uncached():
-            assert cast_cache.cast(a, torch.float16) is not cached
-        assert cast_cache.cast(a, torch.float16) is cached
-    finally:
-        cast_cache.end_steps()
 
 
 # ------------------------------------------------------------------------------------------------- GPU
