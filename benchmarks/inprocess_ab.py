@@ -125,8 +125,9 @@ def main() -> None:
             recording[0] = False
             issue = time.perf_counter() - t0
             runs[setting]["step_ms"] += [s * 1e3 for s in timer.step_seconds()]
-            runs[setting]["peak_gib"].append((torch.cuda.max_memory_allocated() + (pool_bytes() or 0)) / 2**30)
-            runs[setting].setdefault("graph_pool_gib", []).append((pool_bytes() or 0) / 2**30)
+            pool = pool_bytes() or 0
+            runs[setting]["peak_gib"].append((torch.cuda.max_memory_allocated() + pool) / 2**30)
+            runs[setting].setdefault("graph_pool_gib", []).append(pool / 2**30)
             runs[setting]["host_issue_ms"].append(issue / args.steps * 1e3)
             runs[setting]["phases_ms"] += [_phase_times(marks[i:i + 4]) for i in range(0, len(marks), 4)]
             marks.clear()

@@ -269,8 +269,12 @@ class _Graph:
         self.param_grads = param_grads  # backward: a _ParamGrads
 
     def load(self, tensors: list[torch.Tensor]) -> None:
-        for (buf, always), src in zip(self.inputs, tensors):
-            _fill(buf, src, always)
+        _load_inputs(self.inputs, tensors)
+
+
+def _load_inputs(inputs: list, tensors: list[torch.Tensor]) -> None:
+    for (buf, always), src in zip(inputs, tensors):
+        _fill(buf, src, always)
 
 
 def _capture(body: Callable[[bool], None], device: torch.device) -> torch.cuda.CUDAGraph:
@@ -359,8 +363,7 @@ def _static_inputs(tensors: list, hidden: torch.Tensor) -> list:
             inputs.append((_buffer("hidden", t), True))
         else:
             inputs.append((_buffer(("arg", i), t, marked=holds_one_sequence_per_row(t)), False))
-    for (buf, always), t in zip(inputs, tensors):
-        _fill(buf, t, always)
+    _load_inputs(inputs, tensors)
     return inputs
 
 

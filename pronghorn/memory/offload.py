@@ -342,7 +342,9 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.record.stash = stash = next_layer_stash()
         # The other positional arguments are rare (transformers passes hidden_states alone) and small.
         ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]
-        outputs = layer_graphs.run_forward(run_function, args, offload_index) if stash is None else None
+        outputs = None
+        if stash is None and layer_graphs.layer_graphs_enabled():
+            outputs = layer_graphs.run_forward(run_function, args, offload_index)
         if outputs is None:
             with active_stash(stash):
                 outputs = run_function(*args)
@@ -362,20 +364,15 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         record = ctx.record
         hidden = record.restore()
         record.prefetch_previous()
-        graphed = None
-        if record.stash is None:
-            args = [hidden if i == ctx.offload_index else a for i, a in enumerate(ctx.others)]
+        args = [hidden if i == ctx.offload_index else a for i, a in enumerate(ctx.others)]
+        if record.stash is None and layer_graphs.layer_graphs_enabled():
             graphed = layer_graphs.run_backward(ctx.run_function, args, ctx.offload_index, ctx.input_needs_grad,
                                                 ctx.autocast, grad_outputs)
-        if graphed is not None:
-            ctx.record = ctx.others = ctx.run_function = None
-            return (None, None, None, None, *graphed)
-        inputs = []
-        for i, a in enumerate(ctx.others):
-            a = hidden if i == ctx.offload_index else a
-            if isinstance(a, torch.Tensor):
-                a = a.detach().requires_grad_(ctx.input_needs_grad[i])
-            inputs.append(a)
+            if graphed is not None:
+                ctx.record = ctx.others = ctx.run_function = None
+                return (None, None, None, None, *graphed)
+        inputs = [a.detach().requires_grad_(needs) if isinstance(a, torch.Tensor) else a
+                  for a, needs in zip(args, ctx.input_needs_grad)]
         with dequant_handoff.recompute_to_backward() as handoff:  # 4-bit weights: dequantized once for both
             outputs = _recompute(ctx, inputs)
             handoff.collecting = False
