@@ -12,6 +12,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``graphs``: replay checkpointed layers as CUDA graphs (:mod:`pronghorn.memory.layer_graphs`). Its peak memory
   adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing). ``graphs-ceN``:
   graphs, and N token rows per cross-entropy chunk (a smaller logits buffer).
+* ``unchunked``: a recomputed 4-bit MLP makes its full-width gate/up outputs again instead of leaving them to the
+  chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`); ``mlpchunkN``: N MiB per chunk of that backward.
 
 After each switch ``--settle`` untimed steps run first (graphs are captured there).
 
@@ -42,17 +44,26 @@ def _phase_times(marks) -> dict:
     return out
 
 
+DEFAULT_MLP_CHUNK_BYTES = None  # the library's default, read before the first setting changes it
+
+
 def apply_setting(name: str) -> None:
     """Put every knob back to its default, then set the one ``name`` names."""
     from pronghorn.kernels.cross_entropy import set_default_chunk_rows
+    from pronghorn.kernels.lora import mlp_chunked
     from pronghorn.memory.layer_graphs import set_layer_graphs
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
+    global DEFAULT_MLP_CHUNK_BYTES
+    if DEFAULT_MLP_CHUNK_BYTES is None:
+        DEFAULT_MLP_CHUNK_BYTES = mlp_chunked.CHUNK_BYTES
     set_copy_lead(DEFAULT_COPY_LEAD)
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
+    mlp_chunked.set_chunked_mlp_backward(name != "unchunked")
+    mlp_chunked.CHUNK_BYTES = int(name[8:]) * 2**20 if name.startswith("mlpchunk") else DEFAULT_MLP_CHUNK_BYTES
     set_layer_graphs(name.startswith("graphs"))
     set_default_chunk_rows(int(name[9:]) if name.startswith("graphs-ce") else None)
     if name.startswith("lead"):
@@ -63,9 +74,9 @@ def apply_setting(name: str) -> None:
         set_residual_stash(True)
     elif name.startswith("stash"):
         set_stashed_layers(int(name[5:]))
-    elif not (name in ("default", "graphs") or name.startswith("graphs-ce")):
+    elif not (name in ("default", "graphs", "unchunked") or name.startswith(("graphs-ce", "mlpchunk"))):
         raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt, residual, stashN, "
-                         "graphs, graphs-ceN or default")
+                         "graphs, graphs-ceN, unchunked, mlpchunkN or default")
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ import bitsandbytes.functional as bnb_f  # noqa: E402
 from pronghorn.kernels.dequant import (  # noqa: E402
     NF4_VALUES, dense_weight, dequantize_nf4, dequantize_nf4_reference, is_quantized, weight_of,
 )
+from pronghorn.kernels.dequant.function import dequantize_nf4_rows  # noqa: E402
+from pronghorn.kernels.dequant.reference import dequantize_nf4_rows_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -197,3 +199,31 @@ def test_cached_launch_plan_follows_a_moved_state():
     state.absmax = state.absmax[:-1].clone()
     with pytest.raises(ValueError, match="absmax"):
         dequantize_nf4(packed, state)
+
+
+# A row range of an odd-width weight starts on an odd element: its first code is a low nibble, and its blocks
+# straddle rows.
+@pytest.mark.parametrize("shape,start,stop", [((33, 65), 3, 20), ((33, 65), 0, 33), ((64, 128), 40, 64),
+                                              ((9, 7), 5, 5), ((9, 7), 8, 9)])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_ranges_are_the_rows_of_the_whole_weight(shape, start, stop, nested, dtype):
+    packed, state = _quantize(shape, 64, nested, dtype)
+    whole = dequantize_nf4_reference(packed, state)
+    assert torch.equal(dequantize_nf4_rows_reference(packed, state, start, stop), whole[start:stop])
+    buffer = torch.full((2 * (stop - start) + 2, shape[1]), float("nan"), dtype=dtype)
+    out = buffer[1:1 + stop - start]
+    got = dequantize_nf4_rows(packed, state, start, stop, dtype, out=out)
+    assert got is out and torch.equal(got, whole[start:stop])
+    assert buffer[0].isnan().all() and buffer[1 + stop - start:].isnan().all()  # nothing written outside out
+    assert torch.equal(dequantize_nf4_rows(packed, state, start, stop), whole[start:stop])
+
+
+def test_row_range_errors_name_the_range_and_the_expected_out():
+    packed, state = _quantize((8, 64), 64, False, torch.float32)
+    with pytest.raises(ValueError, match=r"row range 3:9 is outside the weight's 8 rows"):
+        dequantize_nf4_rows(packed, state, 3, 9)
+    with pytest.raises(ValueError, match=r"contiguous torch.float32 tensor of shape \(2, 64\)"):
+        dequantize_nf4_rows(packed, state, 0, 2, out=torch.empty(2, 32))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        dequantize_nf4_rows(packed, state, 0, 2, out=torch.empty(64, 2).t())

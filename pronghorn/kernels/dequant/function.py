@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..backend import use_triton
-from .reference import check_quant_state, dequantize_nf4_reference, nf4_table, resolve_out_dtype
+from .reference import (
+    check_quant_state, dequantize_nf4_reference, dequantize_nf4_rows_reference, nf4_table, resolve_out_dtype,
+)
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
 
@@ -36,3 +38,32 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
         plan = launch_plan(packed, quant_state, validate=check_quant_state)
         return dequantize_nf4_triton(plan, _table(packed.device), dtype)
     return dequantize_nf4_reference(packed, quant_state, dtype)
+
+
+def dequantize_nf4_rows(packed: torch.Tensor, quant_state, start: int, stop: int,
+                        out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of what :func:`dequantize_nf4` returns, decoding only those rows, bit for bit the same.
+
+    Args:
+        packed, quant_state, out_dtype: as for :func:`dequantize_nf4`.
+        start, stop: the row range, ``0 <= start <= stop <= quant_state.shape[0]``.
+        out: where to write them: a contiguous ``[stop - start, *shape[1:]]`` tensor of ``out_dtype``
+            (a new one if None).
+    """
+    shape = tuple(quant_state.shape)
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"row range {start}:{stop} is outside the weight's {shape[0]} rows")
+    dtype = resolve_out_dtype(quant_state, out_dtype)
+    want = (stop - start, *shape[1:])
+    if out is None:
+        out = torch.empty(want, dtype=dtype, device=packed.device)
+    elif tuple(out.shape) != want or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {want}, got a "
+                         f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} tensor of shape "
+                         f"{tuple(out.shape)}")
+    if use_triton(packed, quant_state.absmax):
+        from .triton import dequantize_nf4_rows_triton, launch_plan
+
+        plan = launch_plan(packed, quant_state, validate=check_quant_state)
+        return dequantize_nf4_rows_triton(plan, _table(packed.device), start, stop, out)
+    return out.copy_(dequantize_nf4_rows_reference(packed, quant_state, start, stop, dtype))

@@ -77,6 +77,21 @@ def resolve_out_dtype(quant_state, out_dtype) -> torch.dtype:
     return dtype
 
 
+def dequantize_nf4_rows_reference(packed: torch.Tensor, quant_state, start: int, stop: int,
+                                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of the dense weight, without decoding the other rows."""
+    numel = check_quant_state(packed, quant_state)
+    dtype = resolve_out_dtype(quant_state, out_dtype)
+    shape = tuple(quant_state.shape)
+    row = numel // shape[0]
+    first, last = start * row, stop * row
+    codes = unpack_nibbles(packed.reshape(-1).view(torch.uint8)[first // 2:(last + 1) // 2], last - first + first % 2)
+    values = nf4_table(packed.device)[codes[first % 2:]]
+    block = torch.arange(first, last, device=packed.device) // int(quant_state.blocksize)
+    out = values * absmax_of(quant_state).reshape(-1)[block]
+    return out.to(dtype).reshape(stop - start, *shape[1:])
+
+
 def dequantize_nf4_reference(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense weight of shape ``quant_state.shape`` in ``out_dtype`` (default ``quant_state.dtype``)."""
     numel = check_quant_state(packed, quant_state)

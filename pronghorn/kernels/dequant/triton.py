@@ -1,4 +1,5 @@
-"""Triton NF4 dequantization: one program writes BLOCK consecutive output elements.
+"""Triton NF4 dequantization: one program writes BLOCK consecutive output elements, of the whole weight or of
+a range of its rows (:func:`dequantize_nf4_rows_triton`).
 
 Each element loads its packed byte (neighbours share a byte, served from cache), picks its nibble,
 looks it up in the 16-entry NF4 table and multiplies by its block's scale in float32. (A variant that loads
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..compiled_launch import CompiledLaunch
+from ..compiled_launch import CompiledLaunch, launch
 
 
 @triton.jit
@@ -34,15 +35,16 @@ def round_fp32_to_bf16_grid(x):
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n,
+    packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, base,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = e < n
+    local = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = local < n
+    e = base + local  # the element's index in the whole weight: its byte, nibble and scale block
     byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
     # even elements live in the high nibble, odd ones in the low nibble
     nib = (byte >> ((1 - (e % 2)) * 4)) & 0xF
@@ -57,7 +59,7 @@ def _nf4_dequant_kernel(
     res = val * scale
     if out_ptr.dtype.element_ty == tl.bfloat16:
         res = round_fp32_to_bf16_grid(res)
-    tl.store(out_ptr + e, res.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + local, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_for(numel: int) -> int:
@@ -138,12 +140,27 @@ def dequantize_nf4_triton(plan: _LaunchPlan, table: torch.Tensor, dtype: torch.d
     out = torch.empty(plan.shape, dtype=dtype, device=plan.packed_u8.device)
     if plan.numel == 0:
         return out
-    launch = plan.launches.get(dtype)
-    if launch is None:
-        launch = plan.launches[dtype] = CompiledLaunch(
+    kept = plan.launches.get(dtype)
+    if kept is None:
+        kept = plan.launches[dtype] = CompiledLaunch(
             _nf4_dequant_kernel, plan.grid,
             dict(BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=plan.block,
                  INT64=plan.int64),
             num_warps=4, enable_fp_fusion=False)
-    launch(plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel)
+    kept(plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel, 0)
+    return out
+
+
+def dequantize_nf4_rows_triton(plan: _LaunchPlan, table: torch.Tensor, start: int, stop: int,
+                               out: torch.Tensor) -> torch.Tensor:
+    """Rows ``start:stop`` of the plan's weight into ``out`` (contiguous, ``[stop - start, *shape[1:]]``)."""
+    row = math.prod(plan.shape[1:])
+    n = (stop - start) * row
+    if n:
+        block = plan.block
+        launch(_nf4_dequant_kernel, (triton.cdiv(n, block),),
+               (plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, n, start * row),
+               dict(BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=block,
+                    INT64=plan.int64),
+               num_warps=4, enable_fp_fusion=False)
     return out

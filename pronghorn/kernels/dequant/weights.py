@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import handoff
-from .function import dequantize_nf4
+from .function import dequantize_nf4, dequantize_nf4_rows
 
 # bitsandbytes' int8 row scales map to [-127, 127]; it multiplies by this reciprocal rather than dividing.
 _INV_127 = 7.874015718698502e-3
@@ -59,6 +59,24 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         dense = _dequantize(weight, dtype)
         handoff.offer(weight, dtype, dense)
     return dense
+
+
+def is_nf4(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a bitsandbytes NF4 parameter (whose rows :func:`dense_rows` decodes alone)."""
+    state = _four_bit_state(weight)
+    return state is not None and state.quant_type == "nf4"
+
+
+def dense_rows(weight: torch.Tensor, dtype: torch.dtype, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`dense_weight` written into ``out`` (contiguous ``[stop - start, in]`` of
+    ``dtype``), bit for bit; an NF4 weight decodes only those rows. No handoff copy is taken or kept."""
+    state = _four_bit_state(weight)
+    if state is not None and state.quant_type == "nf4":
+        if dtype == state.dtype or state.dtype == torch.float32:
+            return dequantize_nf4_rows(weight.data, state, start, stop, dtype, out)
+        return out.copy_(dequantize_nf4_rows(weight.data, state, start, stop, state.dtype))
+    dense = _dequantize(weight, dtype) if is_quantized(weight) else weight
+    return out.copy_(dense[start:stop])
 
 
 def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

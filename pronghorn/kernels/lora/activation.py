@@ -60,16 +60,19 @@ def gated_forward(g: torch.Tensor, u: torch.Tensor, activation: str,
 
 def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str,
                     low: tuple[LowRank | None, LowRank | None] = NO_LOW_RANK,
-                    low_dh: LowRank | None = None, want_h: bool = False):
+                    low_dh: LowRank | None = None, want_h: bool = False, h_out: torch.Tensor | None = None):
     """``(dL/dg, dL/du, h)`` for ``h = act(g + low[0]) * (u + low[1])`` and upstream gradient ``dh + low_dh``
     (``low_dh``: the down projection's LoRA share, kept factored). The gradients are written over ``g`` and
     ``u`` (which are returned); they are also the gradients of the LoRA terms' outputs. ``h`` is the
-    forward's output, made in the same pass when ``want_h`` (else None).
+    forward's output, made in the same pass when ``want_h`` (else None), into ``h_out`` when given (which may
+    be ``dh`` itself: each element of ``dh`` is read before its ``h`` is written).
 
-    The caller must own ``g``/``u`` (no other autograd node saved them): they are destroyed; ``dh`` is only read.
+    The caller must own ``g``/``u`` (no other autograd node saved them): they are destroyed; ``dh`` is only read
+    (unless it is ``h_out``).
     """
+    want_h = want_h or h_out is not None
     if use_triton(dh, g, u, *_low_tensors((*low, low_dh))) and g.numel() > 0:
-        h = torch.empty(g.shape, dtype=g.dtype, device=g.device) if want_h else None
+        h = h_out if h_out is not None else torch.empty(g.shape, dtype=g.dtype, device=g.device) if want_h else None
         if _has_low((*low, low_dh)) or want_h:
             from ..lora_gated.triton import lora_gated_backward
 
@@ -87,4 +90,6 @@ def gated_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activati
     dg, du = lora_gated_backward_reference(dh, g, u, *low, activation, low_dh)
     g.copy_(dg)
     u.copy_(du)
+    if h_out is not None:
+        h = h_out.copy_(h)
     return g, u, h

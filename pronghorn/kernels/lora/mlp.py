@@ -8,7 +8,8 @@ Saved for backward: ``x`` (only if a gate/up ``A`` trains), the base gate and up
 single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
 saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``.
 A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
-``h A^T``, which backward then makes from its own ``h``.
+``h A^T``, which backward then makes from its own ``h``. With NF4 gate/up weights it makes no ``g``/``u``
+either: backward computes them chunk by chunk, dequantizing each weight once (:mod:`.mlp_chunked`).
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
 two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
 
@@ -27,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import cast_cache
+from . import cast_cache, mlp_chunked
 from ..lora_gated.reference import LowRank
 from .activation import NO_LOW_RANK, check_activation, gated_backward_, gated_forward
 from .parts import as_parts
@@ -48,10 +49,12 @@ class LoraMLPFunction(torch.autograd.Function):
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
         xas = lora_inputs(x2, in_parts, dtype)
         taken = stash.outputs if stash is not None and stash.outputs is not None else [None] * len(in_parts)
+        # A recompute of NF4 gate/up leaves their outputs to the chunked backward (see mlp_chunked).
+        deferred = output_unused and all(t is None for t in taken) and mlp_chunked.applies(in_parts)
         # Outputs taken from this layer's forward (pronghorn.memory.stash) are not computed again.
-        to_compute = [p for p, t in zip(in_parts, taken) if t is None]
+        to_compute = [] if deferred else [p for p, t in zip(in_parts, taken) if t is None]
         computed = iter(project(x2, to_compute, [None] * len(to_compute), dtype))  # base outputs only
-        outs = [t if t is not None else next(computed) for t in taken]
+        outs = [t if t is not None or deferred else next(computed) for t in taken]
         if stash is not None and stash.sink is not None:
             stash.sink(outs)
         y = ha = None
@@ -68,8 +71,8 @@ class LoraMLPFunction(torch.autograd.Function):
         n_in = len(in_parts)
         ctx.dtype, ctx.x_dtype, ctx.scales, ctx.activation = dtype, x.dtype, scales, activation
         ctx.fused, ctx.n_in, ctx.need_a, ctx.need_b, ctx.done = fused_gate_up, n_in, need_a, need_b, False
-        ctx.weights = [p.weight for p in parts]
-        saved = [x2 if any(need_a[:n_in]) else None, *outs]
+        ctx.weights, ctx.deferred = [p.weight for p in parts], deferred
+        saved = [x2 if deferred or any(need_a[:n_in]) else None, *outs]
         saved += xas  # the activation adds the gate/up LoRA terms again in backward
         saved += [ha if need_b[-1] else None]
         saved += [t for p in parts for t in (p.A, p.B)]
@@ -93,6 +96,10 @@ class LoraMLPFunction(torch.autograd.Function):
         in_parts, down = parts[:-1], parts[-1]
         need_a, need_b = ctx.need_a, ctx.need_b
         dy2 = cast_to(dy.reshape(-1, dy.shape[-1]), dtype)
+        if ctx.deferred:
+            dx, d_as, d_bs = mlp_chunked.chunked_backward(x2, xas, in_parts, down, dy2, ctx.activation, ctx.fused,
+                                                         dtype, ctx.needs_input_grad[0], need_a, need_b)
+            return _returned(ctx, dx, dy, parts, d_as, d_bs)
         g, u = _split(outs, ctx.fused)
         low = _low_ranks(in_parts, xas, ctx.fused, dtype)
 
@@ -123,10 +130,14 @@ class LoraMLPFunction(torch.autograd.Function):
         if need_in:
             dx, d_as, d_bs = backward_shared(x2, xas, in_parts, outs, dtype, ctx.needs_input_grad[0],
                                              need_a[:-1], need_b[:-1])
-            if dx is not None:
-                dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
-        grads = grads_out(parts, d_as + d_as_down, d_bs + d_bs_down)
-        return (dx, None, None, None, None, None, *grads)
+        return _returned(ctx, dx, dy, parts, d_as + d_as_down, d_bs + d_bs_down)
+
+
+def _returned(ctx, dx, dy, parts, d_as, d_bs) -> tuple:
+    """The Function's gradients: ``dx`` in the input's dtype and shape, then one gradient per forward argument."""
+    if dx is not None:
+        dx = cast_to(dx, ctx.x_dtype).view(*dy.shape[:-1], dx.shape[-1])
+    return (dx, None, None, None, None, None, *grads_out(parts, d_as, d_bs))
 
 
 def _split(outs, fused):

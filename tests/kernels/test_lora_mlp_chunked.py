@@ -1,0 +1,140 @@
+"""The chunked backward of a recomputed NF4 LoRA MLP (kernels/lora/mlp_chunked.py) against the unchunked path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pronghorn.kernels.dequant import weights
+from pronghorn.kernels.lora import LoraParts, lora_mlp, mlp_chunked
+from pronghorn.kernels.lora.activation import gated_backward_
+from pronghorn.kernels.lora_gated.reference import LowRank
+from tests.tolerances import assert_close
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _nf4(out, inp, dtype, gen, device):
+    w = (torch.randn(out, inp, generator=gen) * 0.2).to(dtype)
+    return bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True).to(device)
+
+
+def _mlp(dtype, fused, device, hidden=64, inter=96, ranks=(4, 3, 5), down_a_trains=True, with_lora=True):
+    """NF4 gate/up (or one fused gate_up) and down with LoRA factors held by a module, so they get grads."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(2 * inter, hidden)] if fused else [(inter, hidden), (inter, hidden)]
+    shapes.append((hidden, inter))
+    holder = nn.Module()
+    holder.factors = nn.ParameterList()
+    parts = []
+    for (out, inp), r in zip(shapes, ranks):
+        weight = _nf4(out, inp, dtype, gen, device)
+        if not with_lora:
+            parts.append(LoraParts(weight))
+            continue
+        a = nn.Parameter((torch.randn(r, inp, generator=gen) * 0.2).to(device))
+        b = nn.Parameter((torch.randn(out, r, generator=gen) * 0.2).to(device))
+        holder.factors.extend([a, b])
+        parts.append(LoraParts(weight, a, b, 0.5))
+    if with_lora:
+        holder.factors[-2].requires_grad_(down_a_trains)
+    return holder, parts
+
+
+def _grads(holder, parts, fused, x, dy, output_unused, x_grad=True):
+    holder.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(x_grad)
+    gate, *rest = parts
+    up, down = (None, rest[0]) if fused else rest
+    y = lora_mlp(xi, gate, up, down, fused_gate_up=fused, output_unused=output_unused)
+    torch.autograd.backward(y, dy)
+    return [xi.grad] + [p.grad for p in holder.factors if p.requires_grad]
+
+
+def _check(dtype, fused, device, monkeypatch, chunk_bytes, x_grad=True, **mlp_kw):
+    monkeypatch.setattr(mlp_chunked, "CHUNK_BYTES", chunk_bytes)
+    holder, parts = _mlp(dtype, fused, device, **mlp_kw)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 64, generator=gen).to(device, dtype)
+    dy = torch.randn(2, 5, 64, generator=gen).to(device, dtype)
+    full_rows, chunk_rows = [], []  # dequantizations of whole weights, and of row ranges
+    whole, rows = weights._dequantize, weights.dequantize_nf4_rows
+    monkeypatch.setattr(weights, "_dequantize", lambda w, d: full_rows.append(w.shape) or whole(w, d))
+    monkeypatch.setattr(weights, "dequantize_nf4_rows", lambda *a: chunk_rows.append(a[3] - a[2]) or rows(*a))
+    want = _grads(holder, parts, fused, x, dy, output_unused=False, x_grad=x_grad)
+    full_rows.clear()
+    got = _grads(holder, parts, fused, x, dy, output_unused=True, x_grad=x_grad)
+    return want, got, full_rows, chunk_rows
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_backward_matches_the_unchunked_one(dtype, fused, monkeypatch):
+    """Three chunks of 32 of the 96 intermediate rows (the last one shorter when the budget does not divide): the
+    same x, A and B gradients as the path that keeps full-width gate/up outputs, and gate/up are decoded only in
+    row ranges (each row once), down once whole."""
+    want, got, full, ranges = _check(dtype, fused, "cpu", monkeypatch, chunk_bytes=2 * 10 * 32 * dtype.itemsize)
+    assert len(full) == 1  # down, for dh: the recompute decoded nothing
+    assert ranges == [32] * 6  # gate and up rows of three chunks
+    assert len(got) == len(want) == (5 if fused else 7)  # x, then A and B of each projection
+    for g, w in zip(got, want):
+        ref = max(1.0, w.float().abs().max().item())
+        assert_close(g.float() / ref, w.float() / ref, dtype)
+
+
+@pytest.mark.parametrize("down_a_trains", [True, False])
+def test_uneven_chunks_frozen_down_a_and_no_input_grad(down_a_trains, monkeypatch):
+    """A budget of 22 rows: five chunks of 20, 20, 20, 20, 16 rows; down's A frozen or not; x needing no
+    gradient (a first layer's input)."""
+    want, got, _, ranges = _check(torch.float32, False, "cpu", monkeypatch, chunk_bytes=2 * 10 * 22 * 4,
+                                  x_grad=False, down_a_trains=down_a_trains)
+    assert ranges == [20] * 8 + [16] * 2  # gate's and up's rows of each chunk
+    assert got[0] is None and want[0] is None
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_without_adapters_only_the_input_gradient():
+    holder, parts = _mlp(torch.float32, False, "cpu", with_lora=False)
+    x = torch.randn(3, 64)
+    dy = torch.randn(3, 64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    for xi, unused in zip(xs, (False, True)):
+        lora_mlp(xi, *parts, output_unused=unused).backward(dy)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=1e-5, rtol=1e-5)
+
+
+def test_off_switch_keeps_the_unchunked_recompute(monkeypatch):
+    monkeypatch.setattr(mlp_chunked, "_config", {"enabled": False})
+    holder, parts = _mlp(torch.float32, False, "cpu")
+    assert not mlp_chunked.applies(parts[:2])
+    monkeypatch.setattr(mlp_chunked, "_config", {"enabled": True})
+    assert mlp_chunked.applies(parts[:2])
+    assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])  # a float base has nothing to dequantize
+
+
+@pytest.mark.parametrize("tokens,inter,expected", [(4096, 14336, 3584), (10, 96, 96), (1, 5, 5)])
+def test_chunk_rows_fill_the_budget_evenly(tokens, inter, expected):
+    assert mlp_chunked.chunk_rows(tokens, inter, 2) == expected
+
+
+def test_activation_backward_can_write_h_over_dh():
+    gen = torch.Generator().manual_seed(0)
+    dh, g, u = (torch.randn(6, 40, generator=gen) for _ in range(3))
+    low = (LowRank(torch.randn(6, 3, generator=gen), torch.randn(40, 3, generator=gen), 0.5), None)
+    g2, u2, dh2 = g.clone(), u.clone(), dh.clone()
+    _, _, h = gated_backward_(dh, g, u, "swiglu", low, want_h=True)
+    gated_backward_(dh2, g2, u2, "swiglu", low, h_out=dh2)
+    for a, b in ((g2, g), (u2, u), (dh2, h)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_backward_on_the_gpu(dtype, fused, monkeypatch):
+    want, got, _, ranges = _check(dtype, fused, "cuda", monkeypatch, chunk_bytes=2 * 10 * 32 * dtype.itemsize)
+    assert ranges == [32] * 6
+    for g, w in zip(got, want):
+        ref = max(1.0, w.float().abs().max().item())
+        assert_close(g.float() / ref, w.float() / ref, dtype)
