@@ -15,7 +15,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``unchunked``: a recomputed 4-bit MLP makes its full-width gate/up outputs again instead of leaving them to the
   chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`); ``mlpchunkN``: N MiB per chunk of that backward.
 
-After each switch ``--settle`` untimed steps run first (graphs are captured there).
+Settings join with ``+`` (``graphs+unchunked``). After each switch ``--settle`` untimed steps run first (graphs
+are captured there).
 
     python benchmarks/inprocess_ab.py --mode bf16 --settings lead2,lead8 --rounds 2 --steps 10 --out $OUT/ab.json
 """
@@ -48,7 +49,7 @@ DEFAULT_MLP_CHUNK_BYTES = None  # the library's default, read before the first s
 
 
 def apply_setting(name: str) -> None:
-    """Put every knob back to its default, then set the one ``name`` names."""
+    """Put every knob back to its default, then set the ones ``name`` names (several joined by ``+``)."""
     from pronghorn.kernels.cross_entropy import set_default_chunk_rows
     from pronghorn.kernels.lora import mlp_chunked
     from pronghorn.memory.layer_graphs import set_layer_graphs
@@ -62,21 +63,32 @@ def apply_setting(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
-    mlp_chunked.set_chunked_mlp_backward(name != "unchunked")
-    mlp_chunked.CHUNK_BYTES = int(name[8:]) * 2**20 if name.startswith("mlpchunk") else DEFAULT_MLP_CHUNK_BYTES
-    set_layer_graphs(name.startswith("graphs"))
-    set_default_chunk_rows(int(name[9:]) if name.startswith("graphs-ce") else None)
-    if name.startswith("lead"):
-        set_copy_lead(int(name[4:]))
-    elif name.startswith("blas-"):
-        torch.backends.cuda.preferred_blas_library(name[5:])
-    elif name == "residual":
-        set_residual_stash(True)
-    elif name.startswith("stash"):
-        set_stashed_layers(int(name[5:]))
-    elif not (name in ("default", "graphs", "unchunked") or name.startswith(("graphs-ce", "mlpchunk"))):
-        raise ValueError(f"unknown setting {name!r}: expected leadN, blas-cublas, blas-cublaslt, residual, stashN, "
-                         "graphs, graphs-ceN, unchunked, mlpchunkN or default")
+    mlp_chunked.set_chunked_mlp_backward(True)
+    mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
+    set_layer_graphs(False)
+    set_default_chunk_rows(None)
+    for part in name.split("+"):
+        if part.startswith("graphs"):
+            set_layer_graphs(True)
+            if part.startswith("graphs-ce"):
+                set_default_chunk_rows(int(part[9:]))
+            elif part != "graphs":
+                raise ValueError(f"unknown setting {part!r}: graphs or graphs-ceN")
+        elif part.startswith("lead"):
+            set_copy_lead(int(part[4:]))
+        elif part.startswith("blas-"):
+            torch.backends.cuda.preferred_blas_library(part[5:])
+        elif part == "residual":
+            set_residual_stash(True)
+        elif part.startswith("stash"):
+            set_stashed_layers(int(part[5:]))
+        elif part == "unchunked":
+            mlp_chunked.set_chunked_mlp_backward(False)
+        elif part.startswith("mlpchunk"):
+            mlp_chunked.CHUNK_BYTES = int(part[8:]) * 2**20
+        elif part != "default":
+            raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
+                             "stashN, graphs, graphs-ceN, unchunked, mlpchunkN or default (joined by +)")
 
 
 def main() -> None:

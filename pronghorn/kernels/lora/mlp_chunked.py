@@ -27,7 +27,7 @@ from ..dequant.weights import dense_rows, is_nf4, weight_rows
 from ..lora_gated.reference import LowRank
 from . import cast_cache
 from .activation import gated_backward_, gated_forward
-from .projection import _cat_factors, _scaled, factor_grads, grad_mm, input_grad
+from .projection import _cat_factors, _scaled, factor_grads, input_grad
 
 # Bytes of the [tokens, 2 x chunk] gate|up buffer; at 2 x 2048 tokens of an 8B Llama that is four chunks of
 # 3,584 rows, and the dequantized [2 x chunk, hidden] buffer is the same size.
@@ -105,10 +105,9 @@ def chunked_backward(x2, xas, in_parts, down, dy2, activation: str, fused: bool,
         for k, (i, span) in enumerate(spans):  # gu now holds [dg | du]
             d_out = gu[:, k * c:(k + 1) * c]
             if d_bs[i] is not None:
-                d_bs[i][span] = grad_mm(d_out.t(), xas_scaled[i], d_bs[i].dtype)
+                _mm_into(d_bs[i][span], d_out.t(), xas_scaled[i])
             if want_t[i]:
-                part = grad_mm(d_out, bs[i][span], torch.float32)
-                t_sums[i] = part if t_sums[i] is None else t_sums[i].add_(part)
+                t_sums[i] = _accumulate_mm(t_sums[i], d_out, bs[i][span])
         if need_dx:
             dx = gu @ wc if dx is None else dx.addmm_(gu, wc)
     del w
@@ -122,3 +121,28 @@ def chunked_backward(x2, xas, in_parts, down, dy2, activation: str, fused: bool,
     d_a_down, d_b_down, _ = factor_grads(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]],
                                          ts=t_down)
     return dx, d_as + d_a_down, d_bs + d_b_down
+
+
+def _wide_result(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether cuBLAS writes ``a @ b`` straight into ``out_dtype`` (float32 from 16-bit operands, on CUDA)."""
+    return a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` in ``out``'s dtype (a LoRA grad's rows), one launch where the GEMM can write it."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif _wide_result(a, out.dtype):
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def _accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` in float32, accumulated in place (a new sum when ``acc`` is None)."""
+    if _wide_result(a, torch.float32):
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    product = a.float() @ b.float()
+    return product if acc is None else acc.add_(product)
