@@ -12,8 +12,9 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``graphs``: replay checkpointed layers as CUDA graphs (:mod:`pronghorn.memory.layer_graphs`). Its peak memory
   adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing). ``graphs-ceN``:
   graphs, and N token rows per cross-entropy chunk (a smaller logits buffer).
-* ``unchunked``: a recomputed 4-bit MLP makes its full-width gate/up outputs again instead of leaving them to the
-  chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`); ``mlpchunkN``: N MiB per chunk of that backward.
+* ``unchunked`` / ``chunked``: a recomputed 4-bit MLP never / always (also run eagerly) leaves its gate/up outputs
+  to the chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`; by default only inside a CUDA graph);
+  ``mlpchunkN``: N MiB per chunk of that backward.
 
 Settings join with ``+`` (``graphs+unchunked``). After each switch ``--settle`` untimed steps run first (graphs
 are captured there).
@@ -63,7 +64,7 @@ def apply_setting(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
-    mlp_chunked.set_chunked_mlp_backward(True)
+    mlp_chunked.set_chunked_mlp_backward("capture")
     mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
     set_layer_graphs(False)
     set_default_chunk_rows(None)
@@ -82,13 +83,13 @@ def apply_setting(name: str) -> None:
             set_residual_stash(True)
         elif part.startswith("stash"):
             set_stashed_layers(int(part[5:]))
-        elif part == "unchunked":
-            mlp_chunked.set_chunked_mlp_backward(False)
+        elif part in ("unchunked", "chunked"):
+            mlp_chunked.set_chunked_mlp_backward("never" if part == "unchunked" else "always")
         elif part.startswith("mlpchunk"):
             mlp_chunked.CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, graphs, graphs-ceN, unchunked, mlpchunkN or default (joined by +)")
+                             "stashN, graphs, graphs-ceN, unchunked, chunked, mlpchunkN or default (joined by +)")
 
 
 def main() -> None:

@@ -14,6 +14,14 @@ from tests.tolerances import assert_close
 bnb = pytest.importorskip("bitsandbytes")
 
 
+@pytest.fixture(autouse=True)
+def _chunked_outside_capture():
+    """The library chunks only while a CUDA graph is captured; these tests call the kernels directly."""
+    mlp_chunked.set_chunked_mlp_backward("always")
+    yield
+    mlp_chunked.set_chunked_mlp_backward("capture")
+
+
 def _nf4(out, inp, dtype, gen, device):
     w = (torch.randn(out, inp, generator=gen) * 0.2).to(dtype)
     return bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True).to(device)
@@ -104,16 +112,17 @@ def test_without_adapters_only_the_input_gradient():
     torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=1e-5, rtol=1e-5)
 
 
-def test_off_switch_keeps_the_unchunked_recompute(monkeypatch):
-    monkeypatch.setattr(mlp_chunked, "_config", {"enabled": False})
+def test_modes_decide_when_the_chunked_backward_applies():
     holder, parts = _mlp(torch.float32, False, "cpu")
-    assert not mlp_chunked.applies(parts[:2])
-    monkeypatch.setattr(mlp_chunked, "_config", {"enabled": True})
-    assert mlp_chunked.applies(parts[:2])
+    for mode, expected in (("never", False), ("capture", False), ("always", True)):  # capture: no CUDA graph here
+        mlp_chunked.set_chunked_mlp_backward(mode)
+        assert mlp_chunked.applies(parts[:2]) is expected
     assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])  # a float base has nothing to dequantize
+    with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
+        mlp_chunked.set_chunked_mlp_backward("sometimes")
 
 
-@pytest.mark.parametrize("tokens,inter,expected", [(4096, 14336, 3584), (10, 96, 96), (1, 5, 5)])
+@pytest.mark.parametrize("tokens,inter,expected", [(4096, 14336, 2048), (10, 96, 96), (1, 5, 5)])
 def test_chunk_rows_fill_the_budget_evenly(tokens, inter, expected):
     assert mlp_chunked.chunk_rows(tokens, inter, 2) == expected
 

@@ -29,21 +29,33 @@ from . import cast_cache
 from .activation import gated_backward_, gated_forward
 from .projection import _cat_factors, _scaled, factor_grads, input_grad
 
-# Bytes of the [tokens, 2 x chunk] gate|up buffer; at 2 x 2048 tokens of an 8B Llama that is four chunks of
-# 3,584 rows, and the dequantized [2 x chunk, hidden] buffer is the same size.
-CHUNK_BYTES = 64 * 2**20
-_config = {"enabled": os.environ.get("PRONGHORN_MLP_CHUNKED_BACKWARD", "1").strip().lower()
-           not in ("0", "false", "off", "no")}
+# Bytes of the [tokens, 2 x chunk] gate|up buffer; at 2 x 2048 tokens of an 8B Llama that is seven chunks of
+# 2,048 rows, and the dequantized [2 x chunk, hidden] buffer is the same size.
+CHUNK_BYTES = 32 * 2**20
+MODES = ("capture", "always", "never")
+_config = {"mode": os.environ.get("PRONGHORN_MLP_CHUNKED_BACKWARD", "capture").strip().lower()}
 
 
-def set_chunked_mlp_backward(on: bool) -> None:
-    """Use (True, the default) or not the chunked backward for recomputed MLPs with NF4 gate/up weights."""
-    _config["enabled"] = bool(on)
+def set_chunked_mlp_backward(mode: str) -> None:
+    """When a recomputed MLP with NF4 gate/up weights uses the chunked backward.
+
+    ``"capture"`` (the default): while a CUDA graph is being captured (:mod:`pronghorn.memory.layer_graphs`).
+    The chunks cost the host several times the launches of the full-width path; replaying a graph costs none, and
+    the graph's memory pool then holds one chunk instead of full-width activations. Run eagerly on an H100 whose
+    host could not keep up, the chunked backward made the step slower (benchmarks/results/2026-11-22-mlp-chunked.md).
+    ``"always"``, ``"never"``: regardless of capture (``"always"`` is how the CPU tests reach it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"chunked MLP backward mode must be one of {MODES}, got {mode!r}")
+    _config["mode"] = mode
 
 
 def applies(in_parts) -> bool:
     """Whether a recompute of an MLP with these gate/up parts leaves them to :func:`chunked_backward`."""
-    return _config["enabled"] and all(is_nf4(p.weight) and p.bias is None for p in in_parts)
+    mode = _config["mode"]
+    if mode == "never" or not all(is_nf4(p.weight) and p.bias is None for p in in_parts):
+        return False
+    return mode == "always" or (in_parts[0].weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def chunk_rows(tokens: int, inter: int, element_size: int) -> int:
