@@ -12,8 +12,9 @@ import bitsandbytes.functional as bnb_f  # noqa: E402
 from pronghorn.kernels.dequant import (  # noqa: E402
     NF4_VALUES, dense_weight, dequantize_nf4, dequantize_nf4_reference, is_quantized, weight_of,
 )
-from pronghorn.kernels.dequant.function import dequantize_nf4_rows  # noqa: E402
-from pronghorn.kernels.dequant.reference import dequantize_nf4_rows_reference  # noqa: E402
+from pronghorn.kernels.dequant.function import dequantize_nf4_part  # noqa: E402
+from pronghorn.kernels.dequant.reference import dequantize_nf4_part_reference  # noqa: E402
+from pronghorn.kernels.dequant.weights import dense_part  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -201,29 +202,49 @@ def test_cached_launch_plan_follows_a_moved_state():
         dequantize_nf4(packed, state)
 
 
-# A row range of an odd-width weight starts on an odd element: its first code is a low nibble, and its blocks
+# A part of an odd-width weight starts on an odd element: its first code is a low nibble, and its blocks
 # straddle rows.
-@pytest.mark.parametrize("shape,start,stop", [((33, 65), 3, 20), ((33, 65), 0, 33), ((64, 128), 40, 64),
-                                              ((9, 7), 5, 5), ((9, 7), 8, 9)])
+@pytest.mark.parametrize("shape,rows,cols", [((33, 65), (3, 20), (0, 65)), ((33, 65), (0, 33), (7, 40)),
+                                             ((64, 128), (40, 64), (64, 128)), ((9, 7), (5, 5), (0, 7)),
+                                             ((9, 7), (8, 9), (3, 4))])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_ranges_are_the_rows_of_the_whole_weight(shape, start, stop, nested, dtype):
+def test_parts_are_the_parts_of_the_whole_weight(shape, rows, cols, nested, dtype):
     packed, state = _quantize(shape, 64, nested, dtype)
+    rows, cols = slice(*rows), slice(*cols)
+    want = dequantize_nf4_reference(packed, state)[rows, cols]
+    assert torch.equal(dequantize_nf4_part_reference(packed, state, rows, cols), want)
+    size = want.numel()
+    buffer = torch.full((2 * size + 2,), float("nan"), dtype=dtype)
+    out = buffer[1:1 + size].view(want.shape)
+    got = dequantize_nf4_part(packed, state, rows, cols, dtype, out=out)
+    assert got is out and torch.equal(got, want)
+    assert buffer[0].isnan() and buffer[1 + size:].isnan().all()  # nothing written outside out
+    assert torch.equal(dequantize_nf4_part(packed, state, rows, cols), want)
+
+
+def test_whole_rows_and_float_weights_through_dense_part():
+    packed, state = _quantize((16, 64), 64, True, torch.bfloat16)
     whole = dequantize_nf4_reference(packed, state)
-    assert torch.equal(dequantize_nf4_rows_reference(packed, state, start, stop), whole[start:stop])
-    buffer = torch.full((2 * (stop - start) + 2, shape[1]), float("nan"), dtype=dtype)
-    out = buffer[1:1 + stop - start]
-    got = dequantize_nf4_rows(packed, state, start, stop, dtype, out=out)
-    assert got is out and torch.equal(got, whole[start:stop])
-    assert buffer[0].isnan().all() and buffer[1 + stop - start:].isnan().all()  # nothing written outside out
-    assert torch.equal(dequantize_nf4_rows(packed, state, start, stop), whole[start:stop])
+    weight = bnb.nn.Params4bit(data=packed, requires_grad=False, quant_state=state, quant_type="nf4")
+    assert torch.equal(dense_part(weight, torch.bfloat16, slice(4, 9)), whole[4:9])
+    assert torch.equal(dense_part(weight, torch.float32, slice(4, 9), slice(1, 3)), whole[4:9, 1:3].float())
+    plain = torch.randn(6, 8)
+    view = dense_part(plain, torch.float32, slice(1, 4), slice(2, 5))
+    assert view.data_ptr() == plain[1, 2].data_ptr()  # no copy of a weight already in the dtype
+    assert torch.equal(dense_part(plain, torch.bfloat16, slice(0, 2)), plain[:2].bfloat16())
 
 
-def test_row_range_errors_name_the_range_and_the_expected_out():
+def test_part_errors_name_the_range_and_the_expected_out():
     packed, state = _quantize((8, 64), 64, False, torch.float32)
-    with pytest.raises(ValueError, match=r"row range 3:9 is outside the weight's 8 rows"):
-        dequantize_nf4_rows(packed, state, 3, 9)
+    with pytest.raises(ValueError, match=r"row range 3:9:None must have unit steps and lie within the weight's 8 rows"):
+        dequantize_nf4_part(packed, state, slice(3, 9))
+    with pytest.raises(ValueError, match=r"column range 0:64:2"):
+        dequantize_nf4_part(packed, state, slice(0, 2), slice(0, 64, 2))
     with pytest.raises(ValueError, match=r"contiguous torch.float32 tensor of shape \(2, 64\)"):
-        dequantize_nf4_rows(packed, state, 0, 2, out=torch.empty(2, 32))
+        dequantize_nf4_part(packed, state, slice(0, 2), out=torch.empty(2, 32))
     with pytest.raises(ValueError, match="non-contiguous"):
-        dequantize_nf4_rows(packed, state, 0, 2, out=torch.empty(64, 2).t())
+        dequantize_nf4_part(packed, state, slice(0, 2), out=torch.empty(64, 2).t())
+    flat_packed, flat_state = _quantize((64,), 64, False, torch.float32)
+    with pytest.raises(ValueError, match=r"2-D weight, quant_state.shape is \(64,\)"):
+        dequantize_nf4_part(flat_packed, flat_state, slice(0, 1))

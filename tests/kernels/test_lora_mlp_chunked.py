@@ -65,25 +65,32 @@ def _check(dtype, fused, device, monkeypatch, chunk_bytes, x_grad=True, **mlp_kw
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 64, generator=gen).to(device, dtype)
     dy = torch.randn(2, 5, 64, generator=gen).to(device, dtype)
-    full_rows, chunk_rows = [], []  # dequantizations of whole weights, and of row ranges
-    whole, rows = weights._dequantize, weights.dequantize_nf4_rows
-    monkeypatch.setattr(weights, "_dequantize", lambda w, d: full_rows.append(w.shape) or whole(w, d))
-    monkeypatch.setattr(weights, "dequantize_nf4_rows", lambda *a: chunk_rows.append(a[3] - a[2]) or rows(*a))
+    full, part_shapes = [], []  # dequantizations of whole weights, and of parts
+    whole, part = weights._dequantize, weights.dequantize_nf4_part
+    monkeypatch.setattr(weights, "_dequantize", lambda w, d: full.append(w.shape) or whole(w, d))
+
+    def recorded(*args):
+        out = part(*args)
+        part_shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(weights, "dequantize_nf4_part", recorded)
     want = _grads(holder, parts, fused, x, dy, output_unused=False, x_grad=x_grad)
-    full_rows.clear()
+    full.clear()
     got = _grads(holder, parts, fused, x, dy, output_unused=True, x_grad=x_grad)
-    return want, got, full_rows, chunk_rows
+    return want, got, full, part_shapes
+
 
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_backward_matches_the_unchunked_one(dtype, fused, monkeypatch):
-    """Three chunks of 32 of the 96 intermediate rows (the last one shorter when the budget does not divide): the
-    same x, A and B gradients as the path that keeps full-width gate/up outputs, and gate/up are decoded only in
-    row ranges (each row once), down once whole."""
-    want, got, full, ranges = _check(dtype, fused, "cpu", monkeypatch, chunk_bytes=2 * 10 * 32 * dtype.itemsize)
-    assert len(full) == 1  # down, for dh: the recompute decoded nothing
-    assert ranges == [32] * 6  # gate and up rows of three chunks
+    """Three chunks of 32 of the 96 intermediate rows: the same x, A and B gradients as the path that keeps
+    full-width gate/up outputs, and each weight decoded once, a chunk at a time (gate and up rows, down
+    columns), nothing whole."""
+    want, got, full, parts = _check(dtype, fused, "cpu", monkeypatch, chunk_bytes=2 * 10 * 32 * dtype.itemsize)
+    assert full == []  # the recompute decoded nothing, the backward only parts
+    assert parts == [(32, 64), (32, 64), (64, 32)] * 3  # per chunk: gate rows, up rows, down columns
     assert len(got) == len(want) == (5 if fused else 7)  # x, then A and B of each projection
     for g, w in zip(got, want):
         ref = max(1.0, w.float().abs().max().item())
@@ -96,7 +103,7 @@ def test_uneven_chunks_frozen_down_a_and_no_input_grad(down_a_trains, monkeypatc
     gradient (a first layer's input)."""
     want, got, _, ranges = _check(torch.float32, False, "cpu", monkeypatch, chunk_bytes=2 * 10 * 22 * 4,
                                   x_grad=False, down_a_trains=down_a_trains)
-    assert ranges == [20] * 8 + [16] * 2  # gate's and up's rows of each chunk
+    assert ranges == [(20, 64), (20, 64), (64, 20)] * 4 + [(16, 64), (16, 64), (64, 16)]
     assert got[0] is None and want[0] is None
     for g, w in zip(got[1:], want[1:]):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
@@ -117,9 +124,31 @@ def test_modes_decide_when_the_chunked_backward_applies():
     for mode, expected in (("never", False), ("capture", False), ("always", True)):  # capture: no CUDA graph here
         mlp_chunked.set_chunked_mlp_backward(mode)
         assert mlp_chunked.applies(parts[:2]) is expected
-    assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])  # a float base has nothing to dequantize
+    assert mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])
+    assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4), bias=torch.zeros(4))])  # biases stay unchunked
     with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
         mlp_chunked.set_chunked_mlp_backward("sometimes")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float_bases_chunk_through_views(fused, monkeypatch):
+    """bf16 base weights (no dequantization): the chunks use views of gate/up rows and down columns."""
+    monkeypatch.setattr(mlp_chunked, "CHUNK_BYTES", 2 * 10 * 32 * 2)
+    gen = torch.Generator().manual_seed(5)
+    holder = nn.Module()
+    holder.factors = nn.ParameterList()
+    parts = []
+    for out, inp, r in ([(192, 64, 4)] if fused else [(96, 64, 4), (96, 64, 3)]) + [(64, 96, 5)]:
+        a = nn.Parameter(torch.randn(r, inp, generator=gen) * 0.2)
+        b = nn.Parameter(torch.randn(out, r, generator=gen) * 0.2)
+        holder.factors.extend([a, b])
+        parts.append(LoraParts((torch.randn(out, inp, generator=gen) * 0.2).bfloat16(), a, b, 0.5))
+    x = torch.randn(2, 5, 64, generator=gen).bfloat16()
+    dy = torch.randn(2, 5, 64, generator=gen).bfloat16()
+    want, got = (_grads(holder, parts, fused, x, dy, output_unused=unused) for unused in (False, True))
+    for g, w in zip(got, want):
+        ref = max(1.0, w.float().abs().max().item())
+        assert_close(g.float() / ref, w.float() / ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("tokens,inter,expected", [(4096, 14336, 2048), (10, 96, 96), (1, 5, 5)])
@@ -142,8 +171,8 @@ def test_activation_backward_can_write_h_over_dh():
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_backward_on_the_gpu(dtype, fused, monkeypatch):
-    want, got, _, ranges = _check(dtype, fused, "cuda", monkeypatch, chunk_bytes=2 * 10 * 32 * dtype.itemsize)
-    assert ranges == [32] * 6
+    want, got, _, parts = _check(dtype, fused, "cuda", monkeypatch, chunk_bytes=2 * 10 * 32 * dtype.itemsize)
+    assert parts == [(32, 64), (32, 64), (64, 32)] * 3
     for g, w in zip(got, want):
         ref = max(1.0, w.float().abs().max().item())
         assert_close(g.float() / ref, w.float() / ref, dtype)

@@ -6,9 +6,20 @@ import pytest
 import torch
 from torch import nn
 
+from pronghorn.kernels.lora import mlp_chunked
 from pronghorn.memory import layer_graphs
 from pronghorn.memory.layer_graphs import _Ineligible
 from tests.memory._util import assert_grads_close, trainable_grads
+
+
+@pytest.fixture(autouse=True)
+def _same_mlp_backward_eagerly():
+    """Captured recomputes use the chunked MLP backward; eager ones here do too, so graphed and eager gradients
+    come from the same arithmetic (the chunked backward is checked against the full-width one in
+    tests/kernels/test_lora_mlp_chunked.py)."""
+    mlp_chunked.set_chunked_mlp_backward("always")
+    yield
+    mlp_chunked.set_chunked_mlp_backward("capture")
 
 
 @pytest.fixture

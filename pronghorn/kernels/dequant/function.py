@@ -5,7 +5,7 @@ import torch
 
 from ..backend import use_triton
 from .reference import (
-    check_quant_state, dequantize_nf4_reference, dequantize_nf4_rows_reference, nf4_table, resolve_out_dtype,
+    check_quant_state, dequantize_nf4_reference, dequantize_nf4_part_reference, nf4_table, resolve_out_dtype,
 )
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
@@ -40,21 +40,21 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | N
     return dequantize_nf4_reference(packed, quant_state, dtype)
 
 
-def dequantize_nf4_rows(packed: torch.Tensor, quant_state, start: int, stop: int,
+def dequantize_nf4_part(packed: torch.Tensor, quant_state, rows: slice, cols: slice | None = None,
                         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` of what :func:`dequantize_nf4` returns, decoding only those rows, bit for bit the same.
+    """``dequantize_nf4(packed, quant_state)[rows, cols]`` of a 2-D weight, decoding only that part, bit for bit.
 
     Args:
-        packed, quant_state, out_dtype: as for :func:`dequantize_nf4`.
-        start, stop: the row range, ``0 <= start <= stop <= quant_state.shape[0]``.
-        out: where to write them: a contiguous ``[stop - start, *shape[1:]]`` tensor of ``out_dtype``
-            (a new one if None).
+        packed, quant_state, out_dtype: as for :func:`dequantize_nf4`; ``quant_state.shape`` must be 2-D.
+        rows, cols: ranges with unit steps inside the weight's shape (``cols`` None: every column).
+        out: where to write the part: a contiguous tensor of ``out_dtype`` and the part's shape (a new one if None).
     """
     shape = tuple(quant_state.shape)
-    if not 0 <= start <= stop <= shape[0]:
-        raise ValueError(f"row range {start}:{stop} is outside the weight's {shape[0]} rows")
+    if len(shape) != 2:
+        raise ValueError(f"dequantize_nf4_part takes a 2-D weight, quant_state.shape is {shape}")
+    rows, cols = _span(rows, shape[0], "row"), _span(slice(None) if cols is None else cols, shape[1], "column")
     dtype = resolve_out_dtype(quant_state, out_dtype)
-    want = (stop - start, *shape[1:])
+    want = (rows.stop - rows.start, cols.stop - cols.start)
     if out is None:
         out = torch.empty(want, dtype=dtype, device=packed.device)
     elif tuple(out.shape) != want or out.dtype != dtype or not out.is_contiguous():
@@ -62,8 +62,18 @@ def dequantize_nf4_rows(packed: torch.Tensor, quant_state, start: int, stop: int
                          f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} tensor of shape "
                          f"{tuple(out.shape)}")
     if use_triton(packed, quant_state.absmax):
-        from .triton import dequantize_nf4_rows_triton, launch_plan
+        from .triton import dequantize_nf4_part_triton, launch_plan
 
         plan = launch_plan(packed, quant_state, validate=check_quant_state)
-        return dequantize_nf4_rows_triton(plan, _table(packed.device), start, stop, out)
-    return out.copy_(dequantize_nf4_rows_reference(packed, quant_state, start, stop, dtype))
+        return dequantize_nf4_part_triton(plan, _table(packed.device), rows, cols, out)
+    return out.copy_(dequantize_nf4_part_reference(packed, quant_state, rows, cols, dtype))
+
+
+def _span(part: slice, size: int, name: str) -> slice:
+    """``part`` with its open ends filled in, checked to be a unit-step range within ``size``."""
+    start = 0 if part.start is None else part.start
+    stop = size if part.stop is None else part.stop
+    if part.step not in (None, 1) or not 0 <= start <= stop <= size:
+        raise ValueError(f"{name} range {part.start}:{part.stop}:{part.step} must have unit steps and lie within "
+                         f"the weight's {size} {name}s")
+    return slice(start, stop)

@@ -77,19 +77,18 @@ def resolve_out_dtype(quant_state, out_dtype) -> torch.dtype:
     return dtype
 
 
-def dequantize_nf4_rows_reference(packed: torch.Tensor, quant_state, start: int, stop: int,
+def dequantize_nf4_part_reference(packed: torch.Tensor, quant_state, rows: slice, cols: slice,
                                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` of the dense weight, without decoding the other rows."""
+    """Rows ``rows`` and columns ``cols`` of the dense 2-D weight, decoding only the rows they span."""
     numel = check_quant_state(packed, quant_state)
     dtype = resolve_out_dtype(quant_state, out_dtype)
-    shape = tuple(quant_state.shape)
-    row = numel // shape[0]
-    first, last = start * row, stop * row
+    row = numel // quant_state.shape[0]
+    first, last = rows.start * row, rows.stop * row
     codes = unpack_nibbles(packed.reshape(-1).view(torch.uint8)[first // 2:(last + 1) // 2], last - first + first % 2)
     values = nf4_table(packed.device)[codes[first % 2:]]
     block = torch.arange(first, last, device=packed.device) // int(quant_state.blocksize)
     out = values * absmax_of(quant_state).reshape(-1)[block]
-    return out.to(dtype).reshape(stop - start, *shape[1:])
+    return out.to(dtype).reshape(rows.stop - rows.start, row)[:, cols]
 
 
 def dequantize_nf4_reference(packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:

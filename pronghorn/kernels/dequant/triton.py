@@ -1,5 +1,5 @@
 """Triton NF4 dequantization: one program writes BLOCK consecutive output elements, of the whole weight or of
-a range of its rows (:func:`dequantize_nf4_rows_triton`).
+a rectangle of its rows and columns (:func:`dequantize_nf4_part_triton`).
 
 Each element loads its packed byte (neighbours share a byte, served from cache), picks its nibble,
 looks it up in the 16-entry NF4 table and multiplies by its block's scale in float32. (A variant that loads
@@ -35,16 +35,18 @@ def round_fp32_to_bf16_grid(x):
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, base,
+    packed_ptr, absmax_ptr, table_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n, base, width, row_stride,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-    BLOCK: tl.constexpr, INT64: tl.constexpr,
+    BLOCK: tl.constexpr, INT64: tl.constexpr, COLUMNS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     local = pid * BLOCK + tl.arange(0, BLOCK)
     mask = local < n
-    e = base + local  # the element's index in the whole weight: its byte, nibble and scale block
+    # the element's index in the whole weight: its byte, nibble and scale block. Out of a column range, each row of
+    # ``width`` output elements starts ``row_stride`` elements after the last.
+    e = base + (local // width) * row_stride + local % width if COLUMNS else base + local
     byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
     # even elements live in the high nibble, odd ones in the low nibble
     nib = (byte >> ((1 - (e % 2)) * 4)) & 0xF
@@ -145,22 +147,24 @@ def dequantize_nf4_triton(plan: _LaunchPlan, table: torch.Tensor, dtype: torch.d
         kept = plan.launches[dtype] = CompiledLaunch(
             _nf4_dequant_kernel, plan.grid,
             dict(BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=plan.block,
-                 INT64=plan.int64),
+                 INT64=plan.int64, COLUMNS=False),
             num_warps=4, enable_fp_fusion=False)
-    kept(plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel, 0)
+    kept(plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, plan.numel, 0, 1, 1)
     return out
 
 
-def dequantize_nf4_rows_triton(plan: _LaunchPlan, table: torch.Tensor, start: int, stop: int,
+def dequantize_nf4_part_triton(plan: _LaunchPlan, table: torch.Tensor, rows: slice, cols: slice,
                                out: torch.Tensor) -> torch.Tensor:
-    """Rows ``start:stop`` of the plan's weight into ``out`` (contiguous, ``[stop - start, *shape[1:]]``)."""
-    row = math.prod(plan.shape[1:])
-    n = (stop - start) * row
+    """Rows ``rows`` and columns ``cols`` (unit steps, in range) of the plan's 2-D weight into contiguous ``out``."""
+    row = plan.shape[1]
+    width = cols.stop - cols.start
+    n = (rows.stop - rows.start) * width
     if n:
         block = plan.block
         launch(_nf4_dequant_kernel, (triton.cdiv(n, block),),
-               (plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, n, start * row),
+               (plan.packed_u8, plan.absmax, table, plan.absmax2, plan.code2, plan.offset, out, n,
+                rows.start * row + cols.start, width, row),
                dict(BLOCKSIZE=plan.blocksize, BLOCKSIZE2=plan.blocksize2, NESTED=plan.nested, BLOCK=block,
-                    INT64=plan.int64),
+                    INT64=plan.int64, COLUMNS=width != row),
                num_warps=4, enable_fp_fusion=False)
     return out

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import handoff
-from .function import dequantize_nf4, dequantize_nf4_rows
+from .function import dequantize_nf4, dequantize_nf4_part
 
 # bitsandbytes' int8 row scales map to [-127, 127]; it multiplies by this reciprocal rather than dividing.
 _INV_127 = 7.874015718698502e-3
@@ -62,21 +62,27 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def is_nf4(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is a bitsandbytes NF4 parameter (whose rows :func:`dense_rows` decodes alone)."""
+    """Whether ``weight`` is a bitsandbytes NF4 parameter (whose parts :func:`dense_part` decodes alone)."""
     state = _four_bit_state(weight)
     return state is not None and state.quant_type == "nf4"
 
 
-def dense_rows(weight: torch.Tensor, dtype: torch.dtype, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows ``start:stop`` of :func:`dense_weight` written into ``out`` (contiguous ``[stop - start, in]`` of
-    ``dtype``), bit for bit; an NF4 weight decodes only those rows. No handoff copy is taken or kept."""
+def dense_part(weight: torch.Tensor, dtype: torch.dtype, rows: slice, cols: slice | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``dense_weight(weight, dtype)[rows, cols]`` of a 2-D weight, bit for bit, without making the rest dense: an
+    NF4 weight decodes only that part, and a float weight already in ``dtype`` gives a view (``out`` None) or
+    is copied into ``out``. No handoff copy is taken or kept."""
+    cols = slice(None) if cols is None else cols
     state = _four_bit_state(weight)
     if state is not None and state.quant_type == "nf4":
         if dtype == state.dtype or state.dtype == torch.float32:
-            return dequantize_nf4_rows(weight.data, state, start, stop, dtype, out)
-        return out.copy_(dequantize_nf4_rows(weight.data, state, start, stop, state.dtype))
-    dense = _dequantize(weight, dtype) if is_quantized(weight) else weight
-    return out.copy_(dense[start:stop])
+            return dequantize_nf4_part(weight.data, state, rows, cols, dtype, out)
+        part = dequantize_nf4_part(weight.data, state, rows, cols, state.dtype)
+    else:
+        part = (_dequantize(weight, dtype) if is_quantized(weight) else weight)[rows, cols]
+    if out is not None:
+        return out.copy_(part)
+    return part if part.dtype == dtype else part.to(dtype)
 
 
 def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

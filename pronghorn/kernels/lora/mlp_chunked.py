@@ -1,21 +1,23 @@
-"""Backward of a recomputed 4-bit LoRA MLP in chunks of the intermediate dimension, each weight dequantized once.
+"""Backward of a recomputed LoRA MLP in chunks of the intermediate dimension: one chunk's activations at a time.
 
-A checkpointed layer's recompute runs the MLP only so that backward has the gate/up outputs ``g``/``u``. With
-NF4 base weights that recompute dequantizes gate and up, and backward dequantizes them again for ``dx``.
-Here the recompute computes nothing but the small ``x A^T`` factors (see ``LoraMLPFunction``), and backward
-walks the intermediate dimension in chunks of rows. For each chunk it:
+A checkpointed layer's recompute runs the MLP only so that backward has the gate/up outputs ``g``/``u``; backward
+then holds ``g``, ``u``, ``dh = dy W_d`` and ``h`` at full width (4 x tokens x intermediate, 470 MB for an 8B
+Llama at 2 x 2048 tokens), and a 4-bit base dequantizes gate and up twice. Here the recompute computes only the
+small ``x A^T`` factors (see ``LoraMLPFunction``), and backward walks the intermediate dimension in chunks. For
+each chunk of ``c`` rows it:
 
-* dequantizes the chunk's gate and up rows into one ``[2c, hidden]`` buffer;
-* computes ``[g | u] = x [W_g; W_u]^T`` in one GEMM;
-* runs the activation backward, which writes ``[dg | du]`` over ``[g | u]``, and ``h`` over the matching columns
-  of ``dh``, which it has just read;
-* takes the chunk's rows of the gate/up ``dB``, and its share of ``t = s d[g|u] B`` (float32 sums);
-* accumulates ``dx += [dg | du] [W_g; W_u]`` from the same buffer.
+* takes the chunk's gate and up rows (NF4: dequantized into one ``[2c, hidden]`` buffer, then one GEMM for
+  ``[g | u]``; a float base: views, one GEMM each) and down's columns (NF4: dequantized);
+* computes ``dh`` for the chunk, and runs the activation backward, which writes ``dg``/``du`` over ``g``/``u``
+  and ``h`` over ``dh`` (each element read before it is written);
+* takes the chunk's rows of gate/up ``dB`` and down ``dA^T``, and its share of the ``[tokens, r]`` sums
+  ``t = s d[g|u] B`` and ``h A_d^T`` (float32);
+* accumulates ``dx += dg W_g + du W_u``.
 
-Gate and up are dequantized once per step in backward instead of twice. The MLP's working set shrinks from
-the full-width ``g``, ``u``, ``h`` and ``dh`` (4 x tokens x intermediate) to ``dh`` plus one chunk. Down's
-weight is dequantized once, for ``dh = dy W_d``, as before. Its LoRA grads come from the full ``h``, which
-ends up in ``dh``'s buffer.
+Each 4-bit weight is dequantized once in backward, and the MLP's working set is one chunk (about 130 MB with
+32 MiB chunks). The chunks cost the host several times the launches of the full-width path, so by default the
+chunked backward runs only inside CUDA graphs, whose replays launch nothing from Python (see
+:func:`set_chunked_mlp_backward`).
 """
 from __future__ import annotations
 
@@ -23,21 +25,20 @@ import os
 
 import torch
 
-from ..dequant.weights import dense_rows, is_nf4, weight_rows
+from ..dequant.weights import dense_part, is_quantized, weight_rows
 from ..lora_gated.reference import LowRank
 from . import cast_cache
 from .activation import gated_backward_, gated_forward
-from .projection import _cat_factors, _scaled, factor_grads, input_grad
+from .projection import _cat_factors, _scaled, factor_grads
 
-# Bytes of the [tokens, 2 x chunk] gate|up buffer; at 2 x 2048 tokens of an 8B Llama that is seven chunks of
-# 2,048 rows, and the dequantized [2 x chunk, hidden] buffer is the same size.
+# Bytes of a chunk's gate and up outputs; at 2 x 2048 tokens of an 8B Llama that is seven chunks of 2,048 rows.
 CHUNK_BYTES = 32 * 2**20
 MODES = ("capture", "always", "never")
 _config = {"mode": os.environ.get("PRONGHORN_MLP_CHUNKED_BACKWARD", "capture").strip().lower()}
 
 
 def set_chunked_mlp_backward(mode: str) -> None:
-    """When a recomputed MLP with NF4 gate/up weights uses the chunked backward.
+    """When a recomputed MLP (without gate/up biases) uses the chunked backward.
 
     ``"capture"`` (the default): while a CUDA graph is being captured (:mod:`pronghorn.memory.layer_graphs`).
     The chunks cost the host several times the launches of the full-width path; replaying a graph costs none, and
@@ -53,7 +54,7 @@ def set_chunked_mlp_backward(mode: str) -> None:
 def applies(in_parts) -> bool:
     """Whether a recompute of an MLP with these gate/up parts leaves them to :func:`chunked_backward`."""
     mode = _config["mode"]
-    if mode == "never" or not all(is_nf4(p.weight) and p.bias is None for p in in_parts):
+    if mode == "never" or any(p.bias is not None for p in in_parts):
         return False
     return mode == "always" or (in_parts[0].weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -76,63 +77,115 @@ def chunked_backward(x2, xas, in_parts, down, dy2, activation: str, fused: bool,
         need_dx: whether the input gradient is wanted; need_a, need_b: per part (gate/up first, down last).
     Returns dA/dB in each parameter's dtype, per part in the order of ``[*in_parts, down]``.
     """
-    inter = weight_rows(in_parts[0].weight) // (2 if fused else 1)
-    # each of gate and up: (its part, the row where its rows start in that part's weight)
-    segments = ((0, 0), (0, inter)) if fused else ((0, 0), (1, 0))
-    n_in = len(in_parts)
-    need_upstream = need_dx or any(need_a[:n_in]) or any(need_b[:n_in])
-    a_down = cast_cache.cast(down.A, dtype) if down.A is not None else None
-    t_down = {}
-    if a_down is not None and (need_upstream or need_a[-1]):
-        t_down = factor_grads(None, [None], [down], [dy2], dtype, True, [False], [False])[2]
-    need_h = need_a[-1] or need_b[-1]
-    dh = input_grad([down], [dy2], {}, dtype) if need_upstream else None
-    tokens, hidden = x2.shape
-    h = dh if need_h and dh is not None else (x2.new_empty(tokens, inter) if need_h else None)
+    run = _ChunkedRun(x2, xas, in_parts, down, dy2, activation, fused, dtype, need_dx, need_a, need_b)
+    if run.need_upstream or run.need_h:
+        rows = chunk_rows(x2.shape[0], run.inter, x2.element_size())
+        for j0 in range(0, run.inter, rows):
+            run.chunk(j0, min(j0 + rows, run.inter))
+    return run.finish()
 
-    bs = [cast_cache.cast(p.B, dtype) if p.B is not None else None for p in in_parts]
-    want_t = [p.A is not None and (need_dx or need_a[i]) for i, p in enumerate(in_parts)]
-    t_sums = [None] * n_in
-    d_bs = [torch.empty(p.B.shape, dtype=p.B.dtype, device=x2.device) if p.B is not None and need_b[i] else None
-            for i, p in enumerate(in_parts)]
-    xas_scaled = [_scaled(xa, p.scale) if xa is not None else None for p, xa in zip(in_parts, xas)]
-    rows = chunk_rows(tokens, inter, x2.element_size())
-    w = x2.new_empty(2 * min(rows, inter), hidden)
-    dx = None
-    for j0 in range(0, inter if need_upstream or need_h else 0, rows):
-        c = min(rows, inter - j0)
-        wc = w[:2 * c]
-        spans = [(i, slice(off + j0, off + j0 + c)) for i, off in segments]
-        for k, (i, span) in enumerate(spans):
-            dense_rows(in_parts[i].weight, dtype, span.start, span.stop, wc[k * c:(k + 1) * c])
-        gu = x2 @ wc.t()
-        g, u = gu[:, :c], gu[:, c:]
-        low = tuple(LowRank(xas[i], bs[i][span], in_parts[i].scale) if xas[i] is not None else None
-                    for i, span in spans)
-        if not need_upstream:
-            h[:, j0:j0 + c] = gated_forward(g, u, activation, low)
-            continue
-        low_dh = LowRank(t_down[0], a_down.t()[j0:j0 + c], 1.0) if t_down else None
-        gated_backward_(dh[:, j0:j0 + c], g, u, activation, low, low_dh, h_out=h[:, j0:j0 + c] if need_h else None)
-        for k, (i, span) in enumerate(spans):  # gu now holds [dg | du]
-            d_out = gu[:, k * c:(k + 1) * c]
-            if d_bs[i] is not None:
-                _mm_into(d_bs[i][span], d_out.t(), xas_scaled[i])
-            if want_t[i]:
-                t_sums[i] = _accumulate_mm(t_sums[i], d_out, bs[i][span])
-        if need_dx:
-            dx = gu @ wc if dx is None else dx.addmm_(gu, wc)
-    del w
 
-    ts = {i: (t * in_parts[i].scale).to(dtype) for i, t in enumerate(t_sums) if t is not None}
-    d_as = factor_grads(x2, xas, in_parts, [None] * n_in, dtype, False, need_a[:n_in], [False] * n_in, ts=ts)[0]
-    if need_dx and ts:
-        order = list(ts)
-        dx.addmm_(_cat_factors(ts, order), cast_cache.cat_rows([in_parts[i].A for i in order], dtype))
-    ha = h @ a_down.t() if need_b[-1] and a_down is not None else None
-    d_a_down, d_b_down, _ = factor_grads(h, [ha], [down], [dy2], dtype, False, [need_a[-1]], [need_b[-1]],
-                                         ts=t_down)
-    return dx, d_as + d_a_down, d_bs + d_b_down
+class _ChunkedRun:
+    """The state of one chunked backward: what is wanted, the buffers reused by every chunk, and the sums."""
+
+    def __init__(self, x2, xas, in_parts, down, dy2, activation, fused, dtype, need_dx, need_a, need_b):
+        n_in = len(in_parts)
+        self.x2, self.xas, self.in_parts, self.down, self.dy2 = x2, xas, in_parts, down, dy2
+        self.activation, self.dtype, self.need_dx, self.need_a, self.need_b = activation, dtype, need_dx, need_a, need_b
+        self.inter = weight_rows(in_parts[0].weight) // (2 if fused else 1)
+        # each of gate and up: (its part, the row where its rows start in that part's weight)
+        self.segments = ((0, 0), (0, self.inter)) if fused else ((0, 0), (1, 0))
+        self.need_upstream = need_dx or any(need_a[:n_in]) or any(need_b[:n_in])
+        self.need_h = need_a[-1] or need_b[-1]
+        self.a_down = cast_cache.cast(down.A, dtype) if down.A is not None else None
+        self.t_down = None  # s dy B_d: its dA, and its share of dh (added by the activation backward)
+        if self.a_down is not None and (self.need_upstream or need_a[-1]):
+            self.t_down = factor_grads(None, [None], [down], [dy2], dtype, True, [False], [False])[2][0]
+        self.bs = [cast_cache.cast(p.B, dtype) if p.B is not None else None for p in in_parts]
+        self.xas_scaled = [_scaled(xa, p.scale) if xa is not None else None for p, xa in zip(in_parts, xas)]
+        self.want_t = [p.A is not None and (need_dx or need_a[i]) for i, p in enumerate(in_parts)]
+        self.t_sums, self.ha_sum, self.dx = [None] * n_in, None, None
+        self.d_bs = [self._grad_like(p.B) if p.B is not None and need_b[i] else None for i, p in enumerate(in_parts)]
+        # down's dA as [inter, r], written a chunk of rows at a time and transposed at the end
+        self.d_a_down_t = self._grad_like(down.A.t()) if down.A is not None and need_a[-1] else None
+        self.stacked = any(is_quantized(p.weight) or p.weight.dtype != dtype for p in in_parts)
+        self.buffers = {}
+
+    def _grad_like(self, param):
+        return torch.empty(param.shape, dtype=param.dtype, device=self.x2.device)
+
+    def _buffer(self, name, shape):
+        """A buffer reused by every chunk: its first ``shape`` elements (the last chunk may be shorter)."""
+        numel = shape[0] * shape[1]
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = self.x2.new_empty(numel)
+        return buf[:numel].view(shape)
+
+    def chunk(self, j0: int, j1: int) -> None:
+        c, hidden = j1 - j0, self.x2.shape[1]
+        spans = [(i, slice(off + j0, off + j1)) for i, off in self.segments]
+        outs, blocks = self._gate_up(spans, c, hidden)
+        low = tuple(LowRank(self.xas[i], self.bs[i][span], self.in_parts[i].scale) if self.xas[i] is not None
+                    else None for i, span in spans)
+        if self.need_upstream:
+            w_down = dense_part(self.down.weight, self.dtype, slice(None), slice(j0, j1),
+                                self._buffer("down", (hidden, c)) if is_quantized(self.down.weight) else None)
+            dh = self.dy2 @ w_down
+            del w_down
+            low_dh = LowRank(self.t_down, self.a_down.t()[j0:j1], 1.0) if self.t_down is not None else None
+            gated_backward_(dh, outs[0], outs[1], self.activation, low, low_dh, h_out=dh if self.need_h else None)
+            h = dh
+            self._gate_up_grads(spans, outs, blocks)
+        else:
+            h = gated_forward(outs[0], outs[1], self.activation, low)
+        if self.need_h:
+            self._down_grads(h, j0, j1)
+
+    def _gate_up(self, spans, c, hidden):
+        """The chunk's gate and up outputs, and the (output, weight rows) pairs whose products make its ``dx``."""
+        if self.stacked:
+            w = self._buffer("gate_up", (2 * c, hidden))
+            for k, (i, span) in enumerate(spans):
+                dense_part(self.in_parts[i].weight, self.dtype, span, out=w[k * c:(k + 1) * c])
+            gu = self.x2 @ w.t()
+            return [gu[:, :c], gu[:, c:]], [(gu, w)]
+        ws = [self.in_parts[i].weight[span] for i, span in spans]
+        outs = [self.x2 @ w.t() for w in ws]
+        return outs, list(zip(outs, ws))
+
+    def _gate_up_grads(self, spans, d_outs, blocks) -> None:
+        """The chunk's gate/up dB rows, t sums and dx, from ``d_outs`` (dg, du, written over the outputs)."""
+        for (i, span), d_out in zip(spans, d_outs):
+            if self.d_bs[i] is not None:
+                _mm_into(self.d_bs[i][span], d_out.t(), self.xas_scaled[i])
+            if self.want_t[i]:
+                self.t_sums[i] = _accumulate_mm(self.t_sums[i], d_out, self.bs[i][span])
+        if self.need_dx:
+            for d_out, w in blocks:
+                self.dx = d_out @ w if self.dx is None else self.dx.addmm_(d_out, w)
+
+    def _down_grads(self, h, j0: int, j1: int) -> None:
+        if self.d_a_down_t is not None:
+            _mm_into(self.d_a_down_t[j0:j1], h.t(), self.t_down)
+        if self.need_b[-1]:
+            self.ha_sum = _accumulate_mm(self.ha_sum, h, self.a_down.t()[j0:j1])
+
+    def finish(self):
+        n_in, dtype = len(self.in_parts), self.dtype
+        ts = {i: (t * self.in_parts[i].scale).to(dtype) for i, t in enumerate(self.t_sums) if t is not None}
+        d_as = factor_grads(self.x2, self.xas, self.in_parts, [None] * n_in, dtype, False, self.need_a[:n_in],
+                            [False] * n_in, ts=ts)[0]
+        if self.need_dx and ts:
+            order = list(ts)
+            a_cat = cast_cache.cat_rows([self.in_parts[i].A for i in order], dtype)
+            self.dx.addmm_(_cat_factors(ts, order), a_cat)
+        d_b_down = None
+        if self.ha_sum is not None:
+            ha = self.ha_sum.to(dtype)
+            d_b_down = factor_grads(None, [ha], [self.down], [self.dy2], dtype, False, [False], [True])[1][0]
+        d_a_down = self.d_a_down_t.t().contiguous() if self.d_a_down_t is not None else None
+        return self.dx, d_as + [d_a_down], self.d_bs + [d_b_down]
 
 
 def _wide_result(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
