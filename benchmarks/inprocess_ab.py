@@ -15,6 +15,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``unchunked`` / ``chunked``: a recomputed 4-bit MLP never / always (also run eagerly) leaves its gate/up outputs
   to the chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`; by default only inside a CUDA graph);
   ``mlpchunkN``: N MiB per chunk of that backward.
+* ``keepN``: N MiB of 4-bit weights per layer handed from recompute to backward
+  (:data:`pronghorn.kernels.dequant.handoff.KEEP_BYTES`).
 
 Settings join with ``+`` (``graphs+unchunked``). After each switch ``--settle`` untimed steps run first (graphs
 are captured there).
@@ -46,20 +48,23 @@ def _phase_times(marks) -> dict:
     return out
 
 
-DEFAULT_MLP_CHUNK_BYTES = None  # the library's default, read before the first setting changes it
+# the library's defaults, read before the first setting changes them
+DEFAULT_MLP_CHUNK_BYTES = DEFAULT_KEEP_BYTES = None
 
 
 def apply_setting(name: str) -> None:
     """Put every knob back to its default, then set the ones ``name`` names (several joined by ``+``)."""
     from pronghorn.kernels.cross_entropy import set_default_chunk_rows
+    from pronghorn.kernels.dequant import handoff
     from pronghorn.kernels.lora import mlp_chunked
     from pronghorn.memory.layer_graphs import set_layer_graphs
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    global DEFAULT_MLP_CHUNK_BYTES
+    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES
     if DEFAULT_MLP_CHUNK_BYTES is None:
-        DEFAULT_MLP_CHUNK_BYTES = mlp_chunked.CHUNK_BYTES
+        DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES = mlp_chunked.CHUNK_BYTES, handoff.KEEP_BYTES
+    handoff.KEEP_BYTES = DEFAULT_KEEP_BYTES
     set_copy_lead(DEFAULT_COPY_LEAD)
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
@@ -85,11 +90,13 @@ def apply_setting(name: str) -> None:
             set_stashed_layers(int(part[5:]))
         elif part in ("unchunked", "chunked"):
             mlp_chunked.set_chunked_mlp_backward("never" if part == "unchunked" else "always")
+        elif part.startswith("keep"):
+            handoff.KEEP_BYTES = int(part[4:]) * 2**20
         elif part.startswith("mlpchunk"):
             mlp_chunked.CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, graphs, graphs-ceN, unchunked, chunked, mlpchunkN or default (joined by +)")
+                             "stashN, graphs, graphs-ceN, unchunked, chunked, mlpchunkN, keepN or default (joined by +)")
 
 
 def main() -> None:
