@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 MAX_SHAPES = 4  # distinct layer-input shapes that get graphs; the rest of the shapes run eagerly
 CAPTURE_AT = 2  # the call (per signature) that captures; earlier calls run eagerly and warm everything up
 
-_config = {"on": os.environ.get("PRONGHORN_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")}
+_config = {"on": os.environ.get("PRONGHORN_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "on", "yes")}
 
 
 def set_layer_graphs(on: bool) -> None:

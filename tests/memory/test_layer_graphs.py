@@ -29,7 +29,7 @@ def graphs_on():
     layer_graphs.set_layer_graphs(False)
 
 
-def test_cpu_calls_run_eagerly(graphs_on):
+def test_off_by_default_and_cpu_calls_run_eagerly(graphs_on):
     layer = nn.Linear(4, 4)
     x = torch.randn(2, 4)
     for _ in range(3):
