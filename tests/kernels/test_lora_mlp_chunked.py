@@ -110,7 +110,7 @@ def test_uneven_chunks_frozen_down_a_and_no_input_grad(down_a_trains, monkeypatc
 
 
 def test_without_adapters_only_the_input_gradient():
-    holder, parts = _mlp(torch.float32, False, "cpu", with_lora=False)
+    _, parts = _mlp(torch.float32, False, "cpu", with_lora=False)
     x = torch.randn(3, 64)
     dy = torch.randn(3, 64)
     xs = [x.clone().requires_grad_() for _ in range(2)]
@@ -120,7 +120,7 @@ def test_without_adapters_only_the_input_gradient():
 
 
 def test_modes_decide_when_the_chunked_backward_applies():
-    holder, parts = _mlp(torch.float32, False, "cpu")
+    _, parts = _mlp(torch.float32, False, "cpu")
     for mode, expected in (("never", False), ("capture", False), ("always", True)):  # capture: no CUDA graph here
         mlp_chunked.set_chunked_mlp_backward(mode)
         assert mlp_chunked.applies(parts[:2]) is expected

@@ -61,12 +61,6 @@ def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dense
 
 
-def is_nf4(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is a bitsandbytes NF4 parameter (whose parts :func:`dense_part` decodes alone)."""
-    state = _four_bit_state(weight)
-    return state is not None and state.quant_type == "nf4"
-
-
 def dense_part(weight: torch.Tensor, dtype: torch.dtype, rows: slice, cols: slice | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """``dense_weight(weight, dtype)[rows, cols]`` of a 2-D weight, bit for bit, without making the rest dense: an

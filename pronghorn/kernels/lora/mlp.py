@@ -8,8 +8,8 @@ Saved for backward: ``x`` (only if a gate/up ``A`` trains), the base gate and up
 single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
 saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``.
 A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
-``h A^T``, which backward then makes from its own ``h``. With NF4 gate/up weights it makes no ``g``/``u``
-either: backward computes them chunk by chunk, dequantizing each weight once (:mod:`.mlp_chunked`).
+``h A^T``, which backward then makes from its own ``h``. Inside a CUDA graph capture it makes no ``g``/``u``
+either: backward computes them chunk by chunk, one chunk's activations at a time (:mod:`.mlp_chunked`).
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
 two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
 
@@ -49,7 +49,7 @@ class LoraMLPFunction(torch.autograd.Function):
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
         xas = lora_inputs(x2, in_parts, dtype)
         taken = stash.outputs if stash is not None and stash.outputs is not None else [None] * len(in_parts)
-        # A recompute of NF4 gate/up leaves their outputs to the chunked backward (see mlp_chunked).
+        # A recompute may leave the gate/up outputs to the chunked backward (see mlp_chunked).
         deferred = output_unused and all(t is None for t in taken) and mlp_chunked.applies(in_parts)
         # Outputs taken from this layer's forward (pronghorn.memory.stash) are not computed again.
         to_compute = [] if deferred else [p for p, t in zip(in_parts, taken) if t is None]
