@@ -69,9 +69,10 @@ def dense_part(weight: torch.Tensor, dtype: torch.dtype, rows: slice, cols: slic
     cols = slice(None) if cols is None else cols
     state = _four_bit_state(weight)
     if state is not None and state.quant_type == "nf4":
-        if dtype == state.dtype or state.dtype == torch.float32:
+        decoded = _nf4_decode_dtype(state, dtype)
+        if decoded == dtype:
             return dequantize_nf4_part(weight.data, state, rows, cols, dtype, out)
-        part = dequantize_nf4_part(weight.data, state, rows, cols, state.dtype)
+        part = dequantize_nf4_part(weight.data, state, rows, cols, decoded)
     else:
         part = (_dequantize(weight, dtype) if is_quantized(weight) else weight)[rows, cols]
     if out is not None:
@@ -83,15 +84,18 @@ def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     state = _four_bit_state(weight)
     if state is not None:
         if state.quant_type == "nf4":
-            # bitsandbytes' matmul dequantizes to quant_state.dtype then casts; do the same where the two
-            # roundings could differ (a 16-bit state read as another 16-bit dtype) so results match bit for bit.
-            if dtype == state.dtype or state.dtype == torch.float32:
-                return dequantize_nf4(weight.data, state, dtype)
-            return dequantize_nf4(weight.data, state, state.dtype).to(dtype)
+            return dequantize_nf4(weight.data, state, _nf4_decode_dtype(state, dtype)).to(dtype)
         import bitsandbytes.functional as bnb_f  # a 4-bit state exists, so bitsandbytes is installed
 
         return bnb_f.dequantize_4bit(weight.data, state).to(dtype)
     return _int8_dense(weight.data, _int8_scales(weight), dtype)
+
+
+def _nf4_decode_dtype(state, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to decode an NF4 weight into before casting to ``dtype``. bitsandbytes' matmul dequantizes to
+    ``quant_state.dtype`` then casts; we do the same where the two roundings could differ (a 16-bit state read as
+    another 16-bit dtype), so results match bit for bit."""
+    return dtype if dtype == state.dtype or state.dtype == torch.float32 else state.dtype
 
 
 def _int8_dense(data: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
