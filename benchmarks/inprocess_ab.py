@@ -12,9 +12,9 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``graphs``: replay checkpointed layers as CUDA graphs (:mod:`pronghorn.memory.layer_graphs`). Its peak memory
   adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing). ``graphs-ceN``:
   graphs, and N token rows per cross-entropy chunk (a smaller logits buffer).
-* ``unchunked`` / ``chunked``: a recomputed 4-bit MLP never / always (also run eagerly) leaves its gate/up outputs
-  to the chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`; by default only inside a CUDA graph);
-  ``mlpchunkN``: N MiB per chunk of that backward.
+* ``unchunked`` / ``chunked``: the MLP never / always (also run eagerly) runs in chunks of its intermediate
+  dimension, in a forward without autograd and in a recompute's backward (:mod:`pronghorn.kernels.lora.mlp_chunked`;
+  by default only inside a CUDA graph); ``mlpchunkN``: N MiB per chunk.
 * ``keepN``: N MiB of 4-bit weights per layer handed from recompute to backward
   (:data:`pronghorn.kernels.dequant.handoff.KEEP_BYTES`).
 
@@ -69,7 +69,7 @@ def apply_setting(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
     set_stashed_layers(0)
-    mlp_chunked.set_chunked_mlp_backward("capture")
+    mlp_chunked.set_chunked_mlp("capture")
     mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
     set_layer_graphs(False)
     set_default_chunk_rows(None)
@@ -89,7 +89,7 @@ def apply_setting(name: str) -> None:
         elif part.startswith("stash"):
             set_stashed_layers(int(part[5:]))
         elif part in ("unchunked", "chunked"):
-            mlp_chunked.set_chunked_mlp_backward("never" if part == "unchunked" else "always")
+            mlp_chunked.set_chunked_mlp("never" if part == "unchunked" else "always")
         elif part.startswith("keep"):
             handoff.KEEP_BYTES = int(part[4:]) * 2**20
         elif part.startswith("mlpchunk"):

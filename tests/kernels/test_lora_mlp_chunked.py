@@ -1,4 +1,5 @@
-"""The chunked backward of a recomputed NF4 LoRA MLP (kernels/lora/mlp_chunked.py) against the unchunked path."""
+"""The chunked LoRA MLP (kernels/lora/mlp_chunked.py): its forward without autograd and the backward of a recompute,
+against the full-width path."""
 from __future__ import annotations
 
 import pytest
@@ -17,9 +18,9 @@ bnb = pytest.importorskip("bitsandbytes")
 @pytest.fixture(autouse=True)
 def _chunked_outside_capture():
     """The library chunks only while a CUDA graph is captured; these tests call the kernels directly."""
-    mlp_chunked.set_chunked_mlp_backward("always")
+    mlp_chunked.set_chunked_mlp("always")
     yield
-    mlp_chunked.set_chunked_mlp_backward("capture")
+    mlp_chunked.set_chunked_mlp("capture")
 
 
 def _nf4(out, inp, dtype, gen, device):
@@ -65,16 +66,7 @@ def _check(dtype, fused, device, monkeypatch, chunk_bytes, x_grad=True, **mlp_kw
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 64, generator=gen).to(device, dtype)
     dy = torch.randn(2, 5, 64, generator=gen).to(device, dtype)
-    full, part_shapes = [], []  # dequantizations of whole weights, and of parts
-    whole, part = weights._dequantize, weights.dequantize_nf4_part
-    monkeypatch.setattr(weights, "_dequantize", lambda w, d: full.append(w.shape) or whole(w, d))
-
-    def recorded(*args):
-        out = part(*args)
-        part_shapes.append(tuple(out.shape))
-        return out
-
-    monkeypatch.setattr(weights, "dequantize_nf4_part", recorded)
+    full, part_shapes = _record_decodes(monkeypatch)
     want = _grads(holder, parts, fused, x, dy, output_unused=False, x_grad=x_grad)
     full.clear()
     got = _grads(holder, parts, fused, x, dy, output_unused=True, x_grad=x_grad)
@@ -119,15 +111,20 @@ def test_without_adapters_only_the_input_gradient():
     torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=1e-5, rtol=1e-5)
 
 
-def test_modes_decide_when_the_chunked_backward_applies():
+def test_modes_decide_when_the_mlp_runs_chunked(monkeypatch):
     _, parts = _mlp(torch.float32, False, "cpu")
     for mode, expected in (("never", False), ("capture", False), ("always", True)):  # capture: no CUDA graph here
-        mlp_chunked.set_chunked_mlp_backward(mode)
+        mlp_chunked.set_chunked_mlp(mode)
         assert mlp_chunked.applies(parts[:2]) is expected
     assert mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])
     assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4), bias=torch.zeros(4))])  # biases stay unchunked
     with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
-        mlp_chunked.set_chunked_mlp_backward("sometimes")
+        mlp_chunked.set_chunked_mlp("sometimes")
+    monkeypatch.setenv(mlp_chunked.ENV, "Sometimes")
+    with pytest.raises(ValueError, match="PRONGHORN_CHUNKED_MLP='Sometimes': must be one of"):
+        mlp_chunked._mode_from_env()
+    monkeypatch.setenv(mlp_chunked.ENV, " Always ")
+    assert mlp_chunked._mode_from_env() == "always"
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -149,6 +146,67 @@ def test_float_bases_chunk_through_views(fused, monkeypatch):
     for g, w in zip(got, want):
         ref = max(1.0, w.float().abs().max().item())
         assert_close(g.float() / ref, w.float() / ref, torch.bfloat16)
+
+
+def _record_decodes(monkeypatch) -> tuple[list, list]:
+    """Shapes of the whole weights and of the weight parts dequantized from now on."""
+    full, part_shapes = [], []
+    whole, part = weights._dequantize, weights.dequantize_nf4_part
+    monkeypatch.setattr(weights, "_dequantize", lambda w, d: full.append(tuple(w.shape)) or whole(w, d))
+    monkeypatch.setattr(weights, "dequantize_nf4_part",
+                        lambda *args: (lambda out: part_shapes.append(tuple(out.shape)) or out)(part(*args)))
+    return full, part_shapes
+
+
+def _forward(parts, fused, x, mode):
+    mlp_chunked.set_chunked_mlp(mode)
+    gate, *rest = parts
+    up, down = (None, rest[0]) if fused else rest
+    with torch.no_grad():
+        return lora_mlp(x, gate, up, down, fused_gate_up=fused)
+
+
+def _check_forward(dtype, fused, device, monkeypatch):
+    monkeypatch.setattr(mlp_chunked, "CHUNK_BYTES", 2 * 10 * 32 * dtype.itemsize)
+    _, parts = _mlp(dtype, fused, device)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    want = _forward(parts, fused, x, "never")
+    full, part_shapes = _record_decodes(monkeypatch)
+    got = _forward(parts, fused, x, "always")
+    assert full == []  # nothing decoded whole
+    assert part_shapes == [(32, 64), (32, 64), (64, 32)] * 3  # per chunk: gate rows, up rows, down columns
+    assert got.shape == want.shape == x.shape and got.dtype == want.dtype
+    ref = max(1.0, want.float().abs().max().item())
+    assert_close(got.float() / ref, want.float() / ref, dtype)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_forward_matches_the_full_width_one(dtype, fused, monkeypatch):
+    """Without autograd, three chunks of 32 of the 96 intermediate rows give the full-width output, each
+    weight decoded once, a part at a time."""
+    _check_forward(dtype, fused, "cpu", monkeypatch)
+
+
+def test_chunked_forward_with_float_bases_and_a_down_bias():
+    gen = torch.Generator().manual_seed(11)
+    parts = [LoraParts((torch.randn(96, 64, generator=gen) * 0.2).bfloat16(), torch.randn(4, 64, generator=gen),
+                       torch.randn(96, 4, generator=gen), 0.5) for _ in range(2)]
+    parts.append(LoraParts((torch.randn(64, 96, generator=gen) * 0.2).bfloat16(), torch.randn(5, 96, generator=gen),
+                           torch.randn(64, 5, generator=gen), 2.0, torch.randn(64, generator=gen).bfloat16()))
+    x = torch.randn(7, 64, generator=gen).bfloat16()
+    want, got = (_forward(parts, False, x, mode) for mode in ("never", "always"))
+    ref = max(1.0, want.float().abs().max().item())
+    assert_close(got.float() / ref, want.float() / ref, torch.bfloat16)
+
+
+def test_a_forward_autograd_records_stays_full_width(monkeypatch):
+    """With gradients wanted the forward must keep what backward needs, so it runs the full-width Function."""
+    holder, parts = _mlp(torch.float32, False, "cpu")
+    full, part_shapes = _record_decodes(monkeypatch)
+    y = lora_mlp(torch.randn(3, 64), *parts)
+    assert y.grad_fn is not None
+    assert len(full) == 3 and part_shapes == []  # gate, up and down decoded whole
 
 
 @pytest.mark.parametrize("tokens,inter,expected", [(4096, 14336, 2048), (10, 96, 96), (1, 5, 5)])
@@ -176,3 +234,10 @@ def test_chunked_backward_on_the_gpu(dtype, fused, monkeypatch):
     for g, w in zip(got, want):
         ref = max(1.0, w.float().abs().max().item())
         assert_close(g.float() / ref, w.float() / ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_forward_on_the_gpu(dtype, fused, monkeypatch):
+    _check_forward(dtype, fused, "cuda", monkeypatch)

@@ -17,9 +17,9 @@ def _same_mlp_backward_eagerly():
     """Captured recomputes use the chunked MLP backward; eager ones here do too, so graphed and eager gradients
     come from the same arithmetic (the chunked backward is checked against the full-width one in
     tests/kernels/test_lora_mlp_chunked.py)."""
-    mlp_chunked.set_chunked_mlp_backward("always")
+    mlp_chunked.set_chunked_mlp("always")
     yield
-    mlp_chunked.set_chunked_mlp_backward("capture")
+    mlp_chunked.set_chunked_mlp("capture")
 
 
 @pytest.fixture

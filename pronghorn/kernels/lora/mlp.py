@@ -9,7 +9,8 @@ single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) 
 saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``.
 A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
 ``h A^T``, which backward then makes from its own ``h``. Inside a CUDA graph capture it makes no ``g``/``u``
-either: backward computes them chunk by chunk, one chunk's activations at a time (:mod:`.mlp_chunked`).
+either: backward computes them chunk by chunk, one chunk's activations at a time (:mod:`.mlp_chunked`), and a
+call that autograd does not record (a checkpointed layer's first pass) computes its output the same way.
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
 two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
 
@@ -204,6 +205,24 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
         if up is None:
             raise ValueError("up is None: pass the up projection, or fused_gate_up=True for Phi-3's gate_up_proj")
         parts = [as_parts(gate), as_parts(up), as_parts(down)]
+    if not output_unused and stash is None and not _recorded(x, parts) and mlp_chunked.applies(parts[:-1]):
+        return _chunked_forward(x, parts, activation, bool(fused_gate_up))
     return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), bool(output_unused), stash,
                                  tuple(float(p.scale) for p in parts),
                                  *flat_parts(parts))
+
+
+def _recorded(x: torch.Tensor, parts) -> bool:
+    """Whether autograd would record a call on ``x`` and these parts."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (x, *flat_parts(parts)))
+
+
+def _chunked_forward(x, parts, activation, fused) -> torch.Tensor:
+    """The MLP's output computed a chunk of the intermediate dimension at a time (no autograd records it)."""
+    dtype = compute_dtype(x)
+    x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)
+    in_parts = parts[:-1]
+    y = mlp_chunked.chunked_forward(x2, lora_inputs(x2, in_parts, dtype), in_parts, parts[-1], activation, fused,
+                                    dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
