@@ -153,8 +153,13 @@ def _record_decodes(monkeypatch) -> tuple[list, list]:
     full, part_shapes = [], []
     whole, part = weights._dequantize, weights.dequantize_nf4_part
     monkeypatch.setattr(weights, "_dequantize", lambda w, d: full.append(tuple(w.shape)) or whole(w, d))
-    monkeypatch.setattr(weights, "dequantize_nf4_part",
-                        lambda *args: (lambda out: part_shapes.append(tuple(out.shape)) or out)(part(*args)))
+
+    def recorded(*args):
+        out = part(*args)
+        part_shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(weights, "dequantize_nf4_part", recorded)
     return full, part_shapes
 
 
@@ -202,7 +207,7 @@ def test_chunked_forward_with_float_bases_and_a_down_bias():
 
 def test_a_forward_autograd_records_stays_full_width(monkeypatch):
     """With gradients wanted the forward must keep what backward needs, so it runs the full-width Function."""
-    holder, parts = _mlp(torch.float32, False, "cpu")
+    _, parts = _mlp(torch.float32, False, "cpu")
     full, part_shapes = _record_decodes(monkeypatch)
     y = lora_mlp(torch.randn(3, 64), *parts)
     assert y.grad_fn is not None
