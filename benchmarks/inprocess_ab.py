@@ -14,7 +14,7 @@ than the differences these settings make. Settings (``--settings``, comma-separa
   graphs, and N token rows per cross-entropy chunk (a smaller logits buffer).
 * ``unchunked`` / ``chunked``: the MLP never / always (also run eagerly) runs in chunks of its intermediate
   dimension, in a forward without autograd and in a recompute's backward (:mod:`pronghorn.kernels.lora.mlp_chunked`;
-  by default only inside a CUDA graph); ``mlpchunkN``: N MiB per chunk.
+  by default only inside a CUDA graph); ``mlpchunkN`` / ``fwdchunkN``: N MiB per chunk of backward / forward.
 * ``keepN``: N MiB of 4-bit weights per layer handed from recompute to backward
   (:data:`pronghorn.kernels.dequant.handoff.KEEP_BYTES`).
 
@@ -49,7 +49,7 @@ def _phase_times(marks) -> dict:
 
 
 # the library's defaults, read before the first setting changes them
-DEFAULT_MLP_CHUNK_BYTES = DEFAULT_KEEP_BYTES = None
+DEFAULT_MLP_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES = DEFAULT_KEEP_BYTES = None
 
 
 def apply_setting(name: str) -> None:
@@ -61,9 +61,10 @@ def apply_setting(name: str) -> None:
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES
+    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES
     if DEFAULT_MLP_CHUNK_BYTES is None:
         DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES = mlp_chunked.CHUNK_BYTES, handoff.KEEP_BYTES
+        DEFAULT_FORWARD_CHUNK_BYTES = mlp_chunked.FORWARD_CHUNK_BYTES
     handoff.KEEP_BYTES = DEFAULT_KEEP_BYTES
     set_copy_lead(DEFAULT_COPY_LEAD)
     torch.backends.cuda.preferred_blas_library("default")
@@ -71,6 +72,7 @@ def apply_setting(name: str) -> None:
     set_stashed_layers(0)
     mlp_chunked.set_chunked_mlp("capture")
     mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
+    mlp_chunked.FORWARD_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES
     set_layer_graphs(False)
     set_default_chunk_rows(None)
     for part in name.split("+"):
@@ -94,9 +96,11 @@ def apply_setting(name: str) -> None:
             handoff.KEEP_BYTES = int(part[4:]) * 2**20
         elif part.startswith("mlpchunk"):
             mlp_chunked.CHUNK_BYTES = int(part[8:]) * 2**20
+        elif part.startswith("fwdchunk"):
+            mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, graphs, graphs-ceN, unchunked, chunked, mlpchunkN, keepN or default (joined by +)")
+                             "stashN, graphs, graphs-ceN, unchunked, chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
 
 
 def main() -> None:

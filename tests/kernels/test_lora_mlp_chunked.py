@@ -172,7 +172,7 @@ def _forward(parts, fused, x, mode):
 
 
 def _check_forward(dtype, fused, device, monkeypatch):
-    monkeypatch.setattr(mlp_chunked, "CHUNK_BYTES", 2 * 10 * 32 * dtype.itemsize)
+    monkeypatch.setattr(mlp_chunked, "FORWARD_CHUNK_BYTES", 2 * 10 * 32 * dtype.itemsize)
     _, parts = _mlp(dtype, fused, device)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     want = _forward(parts, fused, x, "never")
@@ -217,6 +217,8 @@ def test_a_forward_autograd_records_stays_full_width(monkeypatch):
 @pytest.mark.parametrize("tokens,inter,expected", [(4096, 14336, 2048), (10, 96, 96), (1, 5, 5)])
 def test_chunk_rows_fill_the_budget_evenly(tokens, inter, expected):
     assert mlp_chunked.chunk_rows(tokens, inter, 2) == expected
+    assert mlp_chunked.chunk_rows(tokens, inter, 2, budget=2 * mlp_chunked.CHUNK_BYTES) >= expected
+    assert mlp_chunked.chunk_rows(4096, 14336, 2, budget=mlp_chunked.FORWARD_CHUNK_BYTES) == 3584  # four chunks
 
 
 def test_activation_backward_can_write_h_over_dh():

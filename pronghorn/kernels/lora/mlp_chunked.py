@@ -32,6 +32,9 @@ from .projection import _cat_factors, _scaled, cast_to, factor_grads
 
 # Bytes of a chunk's gate and up outputs; at 2 x 2048 tokens of an 8B Llama that is seven chunks of 2,048 rows.
 CHUNK_BYTES = 32 * 2**20
+# The forward's chunks may be larger: its working set is about half of backward's, and every chunk reads and
+# writes the float32 output sum once more (at 2 x 2048 tokens of an 8B Llama, 128 MiB per chunk per layer).
+FORWARD_CHUNK_BYTES = 64 * 2**20
 MODES = ("capture", "always", "never")
 ENV = "PRONGHORN_CHUNKED_MLP"
 
@@ -69,9 +72,10 @@ def applies(in_parts) -> bool:
     return mode == "always" or (in_parts[0].weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def chunk_rows(tokens: int, inter: int, element_size: int) -> int:
-    """Intermediate rows per chunk: as many as fit :data:`CHUNK_BYTES`, split evenly over the chunks needed."""
-    fit = max(1, CHUNK_BYTES // max(1, 2 * tokens * element_size))
+def chunk_rows(tokens: int, inter: int, element_size: int, budget: int | None = None) -> int:
+    """Intermediate rows per chunk: as many as fit ``budget`` bytes (default :data:`CHUNK_BYTES`) of gate and up
+    outputs, split evenly over the chunks needed."""
+    fit = max(1, (budget or CHUNK_BYTES) // max(1, 2 * tokens * element_size))
     chunks = -(-inter // fit)
     return -(-inter // chunks)
 
@@ -84,7 +88,7 @@ def chunked_forward(x2, xas, in_parts, down, activation: str, fused: bool, dtype
     chunks = _Chunks(x2, in_parts, down, fused, dtype)
     a_down = cast_cache.cast(down.A, dtype) if down.A is not None else None
     y = ha = None
-    for j0, j1 in chunks.ranges():
+    for j0, j1 in chunks.ranges(FORWARD_CHUNK_BYTES):
         spans = chunks.spans(j0, j1)
         outs, _ = chunks.gate_up(spans)
         h = gated_forward(outs[0], outs[1], activation, chunks.low_ranks(xas, spans))
@@ -130,9 +134,9 @@ class _Chunks:
         self.bs = [cast_cache.cast(p.B, dtype) if p.B is not None else None for p in in_parts]
         self.buffers = {}
 
-    def ranges(self):
-        """``(j0, j1)`` of each chunk of the intermediate dimension."""
-        rows = chunk_rows(self.x2.shape[0], self.inter, self.x2.element_size())
+    def ranges(self, budget: int | None = None):
+        """``(j0, j1)`` of each chunk of the intermediate dimension (see :func:`chunk_rows`)."""
+        rows = chunk_rows(self.x2.shape[0], self.inter, self.x2.element_size(), budget)
         return [(j0, min(j0 + rows, self.inter)) for j0 in range(0, self.inter, rows)]
 
     def spans(self, j0: int, j1: int) -> list:
