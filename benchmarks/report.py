@@ -36,6 +36,8 @@ def label(rec: dict) -> str:
         name += " (residual stash)"
     if rec.get("batches") == "pageable":
         name += " (pageable batches)"
+    if rec.get("cuda_graphs") in ("on", "off"):
+        name += f" (CUDA graphs {rec['cuda_graphs']})"
     return name
 
 

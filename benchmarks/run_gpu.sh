@@ -16,7 +16,8 @@
 #                           [hf_peft,unsloth,pronghorn,liger];
 #                           suffixes: +stashN the experimental MLP stash over the first N layers (pronghorn),
 #                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
-#                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable
+#                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable,
+#                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn)
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -99,6 +100,8 @@ for mode in "${MODE_LIST[@]}"; do
           stash*) per_run+=(--stash-mlp-layers "${suffix#stash}") ;;
           residual) per_run+=(--stash-residual 1) ;;
           pageable) per_run+=(--batches pageable) ;;
+          graphs) per_run+=(--cuda-graphs on) ;;
+          eager) per_run+=(--cuda-graphs off) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--stash-residual", type=int, choices=[0, 1], default=0,
                    help="pronghorn only, experimental: park each checkpointed layer's post-attention residual in "
                         "host memory so the backward recompute skips o_proj (1) or recompute it (0, the default)")
+    p.add_argument("--cuda-graphs", choices=["default", "on", "off"], default="default",
+                   help="pronghorn only: replay checkpointed layers as CUDA graphs (on), run them eagerly (off), "
+                        "or leave the library's default")
     p.add_argument("--batches", choices=["pinned", "pageable"], default="pinned",
                    help="host memory of the input batches: pinned, as a DataLoader with pin_memory=True (the "
                         "Trainer's default) gives them, so their non-blocking copy does not wait for the GPU; "
@@ -150,6 +153,10 @@ def load_pronghorn(args, shape, model_dir, seq_len):
 
     set_stashed_layers(args.stash_mlp_layers)
     set_residual_stash(bool(args.stash_residual))
+    if args.cuda_graphs != "default":
+        from pronghorn.memory.layer_graphs import set_layer_graphs
+
+        set_layer_graphs(args.cuda_graphs == "on")
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
 
 
@@ -328,7 +335,7 @@ def run(args) -> dict:
                   attn_implementation=(args.attn if args.config in HF_CONFIGS else "library default"),
                   stash_mlp_layers=args.stash_mlp_layers if args.config == "pronghorn" else None,
                   stash_residual=bool(args.stash_residual) if args.config == "pronghorn" else None,
-                  batches=args.batches,
+                  batches=args.batches, cuda_graphs=args.cuda_graphs if args.config == "pronghorn" else None,
                   autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
                   warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
                   target_modules=common.TARGET_MODULES, status="started", date=common.now_utc(),
