@@ -9,9 +9,9 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
-* ``graphs``: replay checkpointed layers as CUDA graphs (:mod:`pronghorn.memory.layer_graphs`). Its peak memory
-  adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing). ``graphs-ceN``:
-  graphs, and N token rows per cross-entropy chunk (a smaller logits buffer).
+* ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none (:mod:`pronghorn.memory.layer_graphs`;
+  by default only layers holding 4-bit weights). Peak memory adds the graphs' pool, which the allocator's peak does
+  not count (replays allocate nothing). ``graphs-ceN``: graphs, and N token rows per cross-entropy chunk.
 * ``unchunked`` / ``chunked``: the MLP never / always (also run eagerly) runs in chunks of its intermediate
   dimension, in a forward without autograd and in a recompute's backward (:mod:`pronghorn.kernels.lora.mlp_chunked`;
   by default only inside a CUDA graph); ``mlpchunkN`` / ``fwdchunkN``: N MiB per chunk of backward / forward.
@@ -49,7 +49,7 @@ def _phase_times(marks) -> dict:
 
 
 # the library's defaults, read before the first setting changes them
-DEFAULT_MLP_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES = DEFAULT_KEEP_BYTES = None
+DEFAULT_MLP_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES = DEFAULT_KEEP_BYTES = DEFAULT_GRAPHS = None
 
 
 def apply_setting(name: str) -> None:
@@ -57,12 +57,14 @@ def apply_setting(name: str) -> None:
     from pronghorn.kernels.cross_entropy import set_default_chunk_rows
     from pronghorn.kernels.dequant import handoff
     from pronghorn.kernels.lora import mlp_chunked
+    from pronghorn.memory import layer_graphs
     from pronghorn.memory.layer_graphs import set_layer_graphs
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES
+    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES, DEFAULT_GRAPHS
     if DEFAULT_MLP_CHUNK_BYTES is None:
+        DEFAULT_GRAPHS = layer_graphs._config["mode"]
         DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES = mlp_chunked.CHUNK_BYTES, handoff.KEEP_BYTES
         DEFAULT_FORWARD_CHUNK_BYTES = mlp_chunked.FORWARD_CHUNK_BYTES
     handoff.KEEP_BYTES = DEFAULT_KEEP_BYTES
@@ -73,7 +75,7 @@ def apply_setting(name: str) -> None:
     mlp_chunked.set_chunked_mlp("capture")
     mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
     mlp_chunked.FORWARD_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES
-    set_layer_graphs(False)
+    set_layer_graphs(DEFAULT_GRAPHS)
     set_default_chunk_rows(None)
     for part in name.split("+"):
         if part.startswith("graphs"):
@@ -82,6 +84,8 @@ def apply_setting(name: str) -> None:
                 set_default_chunk_rows(int(part[9:]))
             elif part != "graphs":
                 raise ValueError(f"unknown setting {part!r}: graphs or graphs-ceN")
+        elif part == "eager":
+            set_layer_graphs(False)
         elif part.startswith("lead"):
             set_copy_lead(int(part[4:]))
         elif part.startswith("blas-"):
@@ -100,7 +104,7 @@ def apply_setting(name: str) -> None:
             mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, graphs, graphs-ceN, unchunked, chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
+                             "stashN, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
 
 
 def main() -> None:

@@ -31,7 +31,9 @@ gradient hooks on the layer's parameters, no distributed training, arguments tha
 and at most :data:`MAX_SHAPES` layer-input shapes (data of many lengths would otherwise capture without end).
 Whatever a capture cannot hold (a host sync, say) makes it fail; that call signature then stays eager.
 
-Off by default; :func:`set_layer_graphs` or ``PRONGHORN_CUDA_GRAPHS=1`` turns it on.
+By default only layers holding a 4-bit weight are graphed (:func:`set_layer_graphs`): in QLoRA, graphs were
+as fast as eager layers where the host kept up and much faster where it did not, with less memory, while bf16
+layers ran 7% slower graphed on a power-bound H100 (benchmarks/results/2026-11-22-graph-policy.md).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 
 from pronghorn.kernels.dequant import handoff as dequant_handoff
+from pronghorn.kernels.dequant.weights import is_4bit
 from pronghorn.kernels.lora import cast_cache
 from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash
@@ -57,18 +60,35 @@ logger = logging.getLogger(__name__)
 MAX_SHAPES = 4  # distinct layer-input shapes that get graphs; the rest of the shapes run eagerly
 CAPTURE_AT = 2  # the call (per signature) that captures; earlier calls run eagerly and warm everything up
 
-_config = {"on": os.environ.get("PRONGHORN_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "on", "yes")}
+MODES = ("quantized", "on", "off")
+ENV = "PRONGHORN_CUDA_GRAPHS"
+_ENV_WORDS = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 
 
-def set_layer_graphs(on: bool) -> None:
-    """Replay checkpointed layers as CUDA graphs (True) or run them eagerly (False, the default)."""
-    _config["on"] = bool(on)
-    if not on:
+def _mode(value: str | bool, source: str) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = _ENV_WORDS.get(value.strip().lower(), value.strip().lower())
+    if mode not in MODES:
+        raise ValueError(f"{source}={value!r}: CUDA graphs of checkpointed layers must be one of {MODES} "
+                         "(or True/False, 1/0)")
+    return mode
+
+
+_config = {"mode": _mode(os.environ.get(ENV, "quantized"), ENV)}
+
+
+def set_layer_graphs(mode: str | bool) -> None:
+    """Which checkpointed layers replay as CUDA graphs: ``"quantized"`` (the default) those holding a 4-bit
+    weight, ``"on"`` (or True) all, ``"off"`` (or False) none. ``PRONGHORN_CUDA_GRAPHS`` sets it at import."""
+    _config["mode"] = _mode(mode, "mode")
+    if _config["mode"] == "off":
         reset()
 
 
 def layer_graphs_enabled() -> bool:
-    return _config["on"]
+    """Whether any layer may be graphed (the mode is not ``"off"``)."""
+    return _config["mode"] != "off"
 
 
 class _Ineligible(Exception):
@@ -148,6 +168,16 @@ def _layer_state(layer: nn.Module) -> tuple:
         cached = layer.__dict__["_pronghorn_graph_modules"] = (modules, params)
     modules, params = cached
     return (layer.training, tuple(p.requires_grad for p in params), tuple(_state_key(m) for m in modules))
+
+
+def _holds_4bit(layer: nn.Module | None) -> bool:
+    """Whether ``layer`` has a 4-bit (bitsandbytes) weight; remembered per layer."""
+    if layer is None:
+        return False
+    held = layer.__dict__.get("_pronghorn_holds_4bit")
+    if held is None:
+        held = layer.__dict__["_pronghorn_holds_4bit"] = any(is_4bit(p) for p in layer.parameters())
+    return held
 
 
 def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
@@ -318,7 +348,9 @@ def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
     """``(key, graph, tensors, structure)`` of this call (see :func:`_signature`). ``graph`` None means run it
     eagerly (off, ineligible, failed, too many shapes, or not called :data:`CAPTURE_AT` times yet); "capture"
     means capture it now."""
-    if not _config["on"] or not args[hidden_index].is_cuda:
+    if _config["mode"] == "off" or not args[hidden_index].is_cuda:
+        return _EAGER
+    if _config["mode"] == "quantized" and not _holds_4bit(_layer_of(function)):
         return _EAGER
     try:
         key, tensors, structure = _signature(phase, function, args)

@@ -22,14 +22,40 @@ def _same_mlp_backward_eagerly():
     mlp_chunked.set_chunked_mlp("capture")
 
 
+@pytest.fixture(autouse=True)
+def _mode_restored():
+    mode = layer_graphs._config["mode"]
+    yield
+    layer_graphs.set_layer_graphs(mode)
+
+
 @pytest.fixture
 def graphs_on():
     layer_graphs.set_layer_graphs(True)
-    yield
-    layer_graphs.set_layer_graphs(False)
 
 
-def test_off_by_default_and_cpu_calls_run_eagerly(graphs_on):
+def test_modes_and_their_spellings(monkeypatch):
+    assert layer_graphs._mode("quantized", "x") == "quantized"
+    for value, mode in ((True, "on"), (False, "off"), ("1", "on"), (" Off ", "off"), ("no", "off"), ("ON", "on")):
+        assert layer_graphs._mode(value, "x") == mode
+    with pytest.raises(ValueError, match="PRONGHORN_CUDA_GRAPHS='sometimes': .* one of"):
+        layer_graphs._mode("sometimes", layer_graphs.ENV)
+    layer_graphs.set_layer_graphs("off")
+    assert not layer_graphs.layer_graphs_enabled()
+    layer_graphs.set_layer_graphs("quantized")
+    assert layer_graphs.layer_graphs_enabled()
+
+
+def test_only_layers_holding_a_4bit_weight_count_as_quantized():
+    bnb = pytest.importorskip("bitsandbytes")
+    plain = nn.Sequential(nn.Linear(64, 64))
+    mixed = nn.Sequential(nn.Linear(64, 64), bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu"))
+    assert not layer_graphs._holds_4bit(plain)
+    assert layer_graphs._holds_4bit(mixed)
+    assert not layer_graphs._holds_4bit(None)
+
+
+def test_cpu_calls_run_eagerly(graphs_on):
     layer = nn.Linear(4, 4)
     x = torch.randn(2, 4)
     for _ in range(3):
@@ -236,3 +262,20 @@ def test_graphed_qlora_layers_give_the_gradients_of_eager_layers(tmp_path):
     graphed, eager, captured = _graphed_then_eager(model, [_ids(64, s) for s in range(3)], _ids(64, 9))
     assert captured == 4
     _assert_same(graphed, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True])
+def test_by_default_only_4bit_layers_are_graphed(quantized, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+    from tests.factories import save_tiny
+
+    layer_graphs.set_layer_graphs("quantized")
+    layer_graphs.reset()
+    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=quantized)
+    for seed in range(3):
+        _loss_and_grads(model, _ids(64, seed), micro_batches=1)
+    assert len(layer_graphs._state.graphs) == (4 if quantized else 0)

@@ -20,6 +20,11 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return _four_bit_state(weight) is not None or _int8_scales(weight) is not None
 
 
+def is_4bit(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a bitsandbytes 4-bit (NF4 or FP4) parameter."""
+    return _four_bit_state(weight) is not None
+
+
 def _four_bit_state(weight):
     state = getattr(weight, "quant_state", None)
     # A Params4bit that has not been moved to a device yet still holds its float data and no state.
