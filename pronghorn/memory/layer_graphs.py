@@ -31,9 +31,10 @@ gradient hooks on the layer's parameters, no distributed training, arguments tha
 and at most :data:`MAX_SHAPES` layer-input shapes (data of many lengths would otherwise capture without end).
 Whatever a capture cannot hold (a host sync, say) makes it fail; that call signature then stays eager.
 
-By default only layers holding a 4-bit weight are graphed (:func:`set_layer_graphs`): in QLoRA, graphs were
-as fast as eager layers where the host kept up and much faster where it did not, with less memory, while bf16
-layers ran 7% slower graphed on a power-bound H100 (benchmarks/results/2026-11-22-graph-policy.md).
+By default only layers holding a 4-bit weight are graphed, and not those with eager attention (see
+:func:`set_layer_graphs`): in QLoRA, graphs were as fast as eager layers where the host kept up and 5-18% faster
+where it did not, with less memory, while bf16 layers ran up to 7% slower graphed on a power-bound H100
+(benchmarks/results/2026-11-22-graph-policy.md).
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ _config = {"mode": _mode(os.environ.get(ENV, "quantized"), ENV)}
 
 def set_layer_graphs(mode: str | bool) -> None:
     """Which checkpointed layers replay as CUDA graphs: ``"quantized"`` (the default) those holding a 4-bit
-    weight, ``"on"`` (or True) all, ``"off"`` (or False) none. ``PRONGHORN_CUDA_GRAPHS`` sets it at import."""
+    weight whose attention is not eager, ``"on"`` (or True) all, ``"off"`` (or False) none.
+    ``PRONGHORN_CUDA_GRAPHS`` sets it at import."""
     _config["mode"] = _mode(mode, "mode")
     if _config["mode"] == "off":
         reset()
@@ -170,14 +172,18 @@ def _layer_state(layer: nn.Module) -> tuple:
     return (layer.training, tuple(p.requires_grad for p in params), tuple(_state_key(m) for m in modules))
 
 
-def _holds_4bit(layer: nn.Module | None) -> bool:
-    """Whether ``layer`` has a 4-bit (bitsandbytes) weight; remembered per layer."""
+def _graphed_by_default(layer: nn.Module | None) -> bool:
+    """Whether the ``"quantized"`` mode graphs ``layer``: it holds a 4-bit weight, and its attention does not
+    materialize the score matrix. Eager attention (Gemma 2's softcapping without flash-attn) would keep its
+    ``[batch, heads, seq, seq]`` scores and probabilities in the graphs' pool: 3.2 GiB for Gemma-2-9B at 2 x 2048."""
     if layer is None:
         return False
     held = layer.__dict__.get("_pronghorn_holds_4bit")
     if held is None:
         held = layer.__dict__["_pronghorn_holds_4bit"] = any(is_4bit(p) for p in layer.parameters())
-    return held
+    attention = getattr(layer, "self_attn", None)
+    config = getattr(attention, "config", None) or getattr(layer, "config", None)
+    return held and getattr(config, "_attn_implementation", None) != "eager"
 
 
 def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
@@ -350,7 +356,7 @@ def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
     means capture it now."""
     if _config["mode"] == "off" or not args[hidden_index].is_cuda:
         return _EAGER
-    if _config["mode"] == "quantized" and not _holds_4bit(_layer_of(function)):
+    if _config["mode"] == "quantized" and not _graphed_by_default(_layer_of(function)):
         return _EAGER
     try:
         key, tensors, structure = _signature(phase, function, args)
