@@ -9,9 +9,10 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
-* ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none (:mod:`pronghorn.memory.layer_graphs`;
-  by default only layers holding 4-bit weights). Peak memory adds the graphs' pool, which the allocator's peak does
-  not count (replays allocate nothing). ``graphs-ceN``: graphs, and N token rows per cross-entropy chunk.
+* ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
+  (:mod:`pronghorn.memory.layer_graphs`; by default only layers holding 4-bit weights, without eager attention).
+  Peak memory adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
+  ``graphs-ceN``: graphs, and N token rows per cross-entropy chunk.
 * ``unchunked`` / ``chunked``: the MLP never / always (also run eagerly) runs in chunks of its intermediate
   dimension, in a forward without autograd and in a recompute's backward (:mod:`pronghorn.kernels.lora.mlp_chunked`;
   by default only inside a CUDA graph); ``mlpchunkN`` / ``fwdchunkN``: N MiB per chunk of backward / forward.

@@ -82,10 +82,11 @@ _config = {"mode": _mode(os.environ.get(ENV, "quantized"), ENV)}
 def set_layer_graphs(mode: str | bool) -> None:
     """Which checkpointed layers replay as CUDA graphs: ``"quantized"`` (the default) those holding a 4-bit
     weight whose attention is not eager, ``"on"`` (or True) all, ``"off"`` (or False) none.
-    ``PRONGHORN_CUDA_GRAPHS`` sets it at import."""
-    _config["mode"] = _mode(mode, "mode")
-    if _config["mode"] == "off":
+    ``PRONGHORN_CUDA_GRAPHS`` sets it at import. A change of mode drops the graphs captured so far."""
+    mode = _mode(mode, "mode")
+    if mode != _config["mode"]:
         reset()
+    _config["mode"] = mode
 
 
 def layer_graphs_enabled() -> bool:

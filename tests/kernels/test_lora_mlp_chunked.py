@@ -205,6 +205,14 @@ def test_chunked_forward_with_float_bases_and_a_down_bias():
     assert_close(got.float() / ref, want.float() / ref, torch.bfloat16)
 
 
+def test_chunked_forward_without_adapters(monkeypatch):
+    monkeypatch.setattr(mlp_chunked, "FORWARD_CHUNK_BYTES", 2 * 3 * 40 * 4)
+    _, parts = _mlp(torch.float32, False, "cpu", with_lora=False)
+    x = torch.randn(3, 64)
+    want, got = (_forward(parts, False, x, mode) for mode in ("never", "always"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_forward_autograd_records_stays_full_width(monkeypatch):
     """With gradients wanted the forward must keep what backward needs, so it runs the full-width Function."""
     _, parts = _mlp(torch.float32, False, "cpu")
@@ -218,6 +226,9 @@ def test_a_forward_autograd_records_stays_full_width(monkeypatch):
 def test_chunk_rows_fill_the_budget_evenly(tokens, inter, expected):
     assert mlp_chunked.chunk_rows(tokens, inter, 2) == expected
     assert mlp_chunked.chunk_rows(tokens, inter, 2, budget=2 * mlp_chunked.CHUNK_BYTES) >= expected
+
+
+def test_the_forward_takes_larger_chunks():
     assert mlp_chunked.chunk_rows(4096, 14336, 2, budget=mlp_chunked.FORWARD_CHUNK_BYTES) == 3584  # four chunks
 
 
