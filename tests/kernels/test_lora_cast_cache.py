@@ -1,7 +1,15 @@
 """The per-step cache of LoRA factors cast to the compute dtype."""
+import pytest
 import torch
 
 from pronghorn.kernels.lora import cast_cache, lora_mlp
+
+
+@pytest.fixture
+def steps_ended():
+    """The test begins steps itself; whatever happens, none is left open for the next test."""
+    yield
+    cast_cache.end_steps()
 
 
 def _mlp_parts(hidden=16, inter=24, r=4, seed=0):
@@ -14,50 +22,44 @@ def _mlp_parts(hidden=16, inter=24, r=4, seed=0):
     return proj(inter, hidden), proj(inter, hidden), proj(hidden, inter)
 
 
-def test_casts_are_shared_within_a_step_and_dropped_at_the_next():
+def test_casts_are_shared_within_a_step_and_dropped_at_the_next(steps_ended):
     a = torch.randn(4, 8)
     cast_cache.begin_step()
-    try:
-        first = cast_cache.cast(a, torch.bfloat16)
-        assert cast_cache.cast(a, torch.bfloat16) is first
-        cat = cast_cache.cat_rows([a, a * 2], torch.bfloat16)
-        assert cast_cache.cat_rows([a, a * 2], torch.bfloat16) is not None
-        torch.testing.assert_close(cat.float(), torch.cat([a, a * 2]).bfloat16().float())
-        a.data.mul_(3)  # as a fused optimizer does: new values, same version
-        cast_cache.begin_step()
-        assert torch.equal(cast_cache.cast(a, torch.bfloat16), a.bfloat16())
-        torch.testing.assert_close(cast_cache.cat_rows([a, a * 2], torch.bfloat16).float(),
-                                   torch.cat([a, a * 2]).bfloat16().float())
-    finally:
-        cast_cache.end_steps()
+    first = cast_cache.cast(a, torch.bfloat16)
+    assert cast_cache.cast(a, torch.bfloat16) is first
+    cat = cast_cache.cat_rows([a, a * 2], torch.bfloat16)
+    assert cast_cache.cat_rows([a, a * 2], torch.bfloat16) is not None
+    torch.testing.assert_close(cat.float(), torch.cat([a, a * 2]).bfloat16().float())
+    a.data.mul_(3)  # as a fused optimizer does: new values, same version
+    cast_cache.begin_step()
+    assert torch.equal(cast_cache.cast(a, torch.bfloat16), a.bfloat16())
+    torch.testing.assert_close(cast_cache.cat_rows([a, a * 2], torch.bfloat16).float(),
+                               torch.cat([a, a * 2]).bfloat16().float())
 
 
-def test_the_next_step_refreshes_last_steps_casts_in_one_batch(monkeypatch):
+def test_the_next_step_refreshes_last_steps_casts_in_one_batch(monkeypatch, steps_ended):
     """What a step cast is recast at the next begin_step by one _foreach_copy_ and found there; factors the step
     did not use are dropped, and so are freed sources."""
     a, b, c = torch.randn(4, 8), torch.randn(2, 8), torch.randn(3, 5)
     batches = []
     foreach_copy = torch._foreach_copy_
     monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: batches.append(len(d)) or foreach_copy(d, s))
-    try:
-        cast_cache.begin_step()
-        cast_cache.cast(c, torch.bfloat16)
-        cat = cast_cache.cat_rows([a, b], torch.bfloat16)
-        cast_cache.begin_step()  # refreshes c and the two slices of the concatenation
-        assert batches == [3]
-        assert cast_cache.cast(c, torch.bfloat16) is not None and cast_cache.cat_rows([a, b], torch.bfloat16) is cat
-        a.data.add_(1.0)  # a fused optimizer's update: no version bump
-        cast_cache.begin_step()
-        again = cast_cache.cat_rows([a, b], torch.bfloat16)  # c is not used this step
-        assert again is cat and torch.equal(again, torch.cat([a, b]).bfloat16())
-        cast_cache.begin_step()
-        assert batches == [3, 3, 2]  # c dropped
-        cast_cache.cat_rows([a, b], torch.bfloat16)
-        del a, b, again, cat
-        cast_cache.begin_step()
-        assert batches == [3, 3, 2]  # its sources are gone: nothing left to refresh
-    finally:
-        cast_cache.end_steps()
+    cast_cache.begin_step()
+    cast_cache.cast(c, torch.bfloat16)
+    cat = cast_cache.cat_rows([a, b], torch.bfloat16)
+    cast_cache.begin_step()  # refreshes c and the two slices of the concatenation
+    assert batches == [3]
+    assert cast_cache.cast(c, torch.bfloat16) is not None and cast_cache.cat_rows([a, b], torch.bfloat16) is cat
+    a.data.add_(1.0)  # a fused optimizer's update: no version bump
+    cast_cache.begin_step()
+    again = cast_cache.cat_rows([a, b], torch.bfloat16)  # c is not used this step
+    assert again is cat and torch.equal(again, torch.cat([a, b]).bfloat16())
+    cast_cache.begin_step()
+    assert batches == [3, 3, 2]  # c dropped
+    cast_cache.cat_rows([a, b], torch.bfloat16)
+    del a, b, again, cat
+    cast_cache.begin_step()
+    assert batches == [3, 3, 2]  # its sources are gone: nothing left to refresh
 
 
 def test_no_caching_outside_a_step_or_without_grad():
@@ -91,14 +93,11 @@ def test_an_optimizer_step_between_steps_is_seen():
     assert not torch.equal(stale, fresh)
 
 
-def test_uncached_casts_afresh_inside_a_step():
+def test_uncached_casts_afresh_inside_a_step(steps_ended):
     a = torch.randn(4, 4)
     cast_cache.begin_step()
-    try:
-        cached = cast_cache.cast(a, torch.float16)
-        assert cast_cache.cast(a, torch.float16) is cached
-        with cast_cache.uncached():
-            assert cast_cache.cast(a, torch.float16) is not cached
-        assert cast_cache.cast(a, torch.float16) is cached
-    finally:
-        cast_cache.end_steps()
+    cached = cast_cache.cast(a, torch.float16)
+    assert cast_cache.cast(a, torch.float16) is cached
+    with cast_cache.uncached():
+        assert cast_cache.cast(a, torch.float16) is not cached
+    assert cast_cache.cast(a, torch.float16) is cached
