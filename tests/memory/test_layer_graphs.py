@@ -64,6 +64,17 @@ def test_by_default_layers_with_4bit_weights_and_no_eager_attention_are_graphed(
     assert not layer_graphs._graphed_by_default(None)
 
 
+def test_the_mode_is_asked_before_anything_else():
+    """Off, a CPU input, or (by default) a layer without 4-bit weights: no graph; "on": any CUDA call may be."""
+    from types import SimpleNamespace
+
+    call, on_gpu = functools.partial(nn.Linear(4, 4).__call__), SimpleNamespace(is_cuda=True)
+    for mode, hidden, allowed in (("off", on_gpu, False), ("on", torch.zeros(1), False), ("on", on_gpu, True),
+                                  ("quantized", on_gpu, False)):
+        layer_graphs.set_layer_graphs(mode)
+        assert layer_graphs._mode_allows(call, hidden) is allowed
+
+
 def test_cpu_calls_run_eagerly(graphs_on):
     layer = nn.Linear(4, 4)
     x = torch.randn(2, 4)
