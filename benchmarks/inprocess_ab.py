@@ -8,7 +8,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
   default ``DEFAULT_COPY_LEAD``): how many layers of work the host may queue ahead of the GPU in the forward pass.
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
-  (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers.
+  (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers,
+  ``stashA-B`` that of layers A to B-1; ``late``: bring a parked gate back only after the next layer's MLP backward.
 * ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
   (:mod:`pronghorn.memory.layer_graphs`; by default only layers holding 4-bit weights, without eager attention).
   Peak memory adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
@@ -72,12 +73,12 @@ def apply_setting(name: str) -> None:
     set_copy_lead(DEFAULT_COPY_LEAD)
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
-    set_stashed_layers(0)
     mlp_chunked.set_chunked_mlp("capture")
     mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
     mlp_chunked.FORWARD_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES
     set_layer_graphs(DEFAULT_GRAPHS)
     set_default_chunk_rows(None)
+    stashed, late = (0, 0), False
     for part in name.split("+"):
         if part.startswith("graphs"):
             set_layer_graphs(True)
@@ -94,7 +95,10 @@ def apply_setting(name: str) -> None:
         elif part == "residual":
             set_residual_stash(True)
         elif part.startswith("stash"):
-            set_stashed_layers(int(part[5:]))
+            first, _, end = part[5:].rpartition("-")
+            stashed = (int(end) - int(first or 0), int(first or 0))
+        elif part == "late":
+            late = True
         elif part in ("unchunked", "chunked"):
             mlp_chunked.set_chunked_mlp("never" if part == "unchunked" else "always")
         elif part.startswith("keep"):
@@ -105,7 +109,9 @@ def apply_setting(name: str) -> None:
             mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
+                             "stashN, stashA-B, late, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, "
+                             "fwdchunkN, keepN or default (joined by +)")
+    set_stashed_layers(*stashed, late_fetch=late)
 
 
 def main() -> None:
@@ -128,6 +134,7 @@ def main() -> None:
     for name in settings:
         apply_setting(name)  # an unknown name fails here, before the model loads
     model = tt.load_pronghorn(targs, shape, model_dir, shape.seq_len)
+    from pronghorn.memory import stash
     from pronghorn.memory.layer_graphs import pool_bytes
     n = args.warmup + args.rounds * len(settings) * (args.settle + args.steps)
     batches = tt.make_batches(shape.config["vocab_size"], n, shape.batch_size, shape.seq_len).pin_memory()
@@ -155,6 +162,7 @@ def main() -> None:
                 step(next(batch))
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            stash.STATS.clear()
             timer = common.Timer("cuda")
             timer.mark()
             t0 = time.perf_counter()
@@ -169,11 +177,14 @@ def main() -> None:
             runs[setting]["peak_gib"].append((torch.cuda.max_memory_allocated() + pool) / 2**30)
             runs[setting].setdefault("graph_pool_gib", []).append(pool / 2**30)
             runs[setting]["host_issue_ms"].append(issue / args.steps * 1e3)
+            runs[setting].setdefault("stash_parked_skipped", []).append(
+                {name: [c["parked"], c["skipped"]] for name, c in stash.STATS.items()})
             runs[setting]["phases_ms"] += [_phase_times(marks[i:i + 4]) for i in range(0, len(marks), 4)]
             marks.clear()
     summary = {setting: {"median_ms": statistics.median(r["step_ms"]), "mean_ms": statistics.fmean(r["step_ms"]),
                       "min_ms": min(r["step_ms"]), "max_ms": max(r["step_ms"]), "peak_gib": max(r["peak_gib"]),
                       "graph_pool_gib": max(r.get("graph_pool_gib", [0])),
+                      "stash_parked_skipped": r["stash_parked_skipped"][-1],
                       **{f"{phase}_{side}_median_ms": statistics.median(p[phase][side] for p in r["phases_ms"])
                          for phase in ("forward", "backward", "optimizer") for side in ("host", "gpu")}}
                for setting, r in runs.items()}
@@ -187,7 +198,8 @@ def main() -> None:
               f"range {s['min_ms']:.0f}-{s['max_ms']:.0f}, peak {s['peak_gib']:.2f} GiB (graph pool {s['graph_pool_gib']:.2f}); host/GPU ms forward "
               f"{s['forward_host_median_ms']:.0f}/{s['forward_gpu_median_ms']:.0f}, backward "
               f"{s['backward_host_median_ms']:.0f}/{s['backward_gpu_median_ms']:.0f}, optimizer "
-              f"{s['optimizer_host_median_ms']:.1f}/{s['optimizer_gpu_median_ms']:.1f}")
+              f"{s['optimizer_host_median_ms']:.1f}/{s['optimizer_gpu_median_ms']:.1f}; stash parked/skipped "
+              f"{s['stash_parked_skipped']}")
 
 
 if __name__ == "__main__":

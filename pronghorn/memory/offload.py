@@ -34,7 +34,13 @@ import torch
 from pronghorn.kernels.dequant import handoff as dequant_handoff
 from pronghorn.memory import layer_graphs
 from pronghorn.memory.recompute import backward_recompute
-from pronghorn.memory.stash import active_stash, next_layer_stash
+from pronghorn.memory.stash import (
+    active_stash,
+    fetch_deferred,
+    fetch_later,
+    late_fetch,
+    next_layer_stash,
+)
 
 __all__ = ["offloaded_checkpoint", "OffloadedActivation"]
 
@@ -61,11 +67,14 @@ class OffloadedActivation:
 
     _last: "weakref.ref[OffloadedActivation] | None" = None
 
-    def __init__(self, tensor: torch.Tensor, link: bool = True, keep_on_device: bool = True):
+    def __init__(self, tensor: torch.Tensor, link: bool = True, keep_on_device: bool = True,
+                 paces_host: bool = True):
         """Start copying ``tensor`` to pinned host memory. ``link``: chain this record to the previous one
         (layer inputs; see :meth:`prefetch_previous`). ``keep_on_device``: where the host budget has no room,
         keep a reference to ``tensor`` (layer inputs must survive); otherwise park nothing (``parked``
-        is False) and let the caller recompute it."""
+        is False) and let the caller recompute it. ``paces_host``: this copy counts toward the copy lead,
+        so the host may wait for it (layer inputs); stashed activations, whose caller bounds the bytes in
+        flight itself, never make the host wait (see :class:`_CopySources`)."""
         self.device = tensor.device
         self.shape = tensor.shape
         self.dtype = tensor.dtype
@@ -93,7 +102,7 @@ class OffloadedActivation:
                     host.copy_(piece, non_blocking=True)
                 self._saved = torch.cuda.Event()
                 self._saved.record(stream)
-            _COPYING.hold(src, self._saved)
+            _COPYING.hold(src, self._saved, paces_host)
         elif not tensor.is_cuda or keep_on_device:
             # Already in host memory (the "copy" is free), or host memory is nearly full: keep a
             # reference where it is and check in backward that nobody modified it in place.
@@ -127,12 +136,17 @@ class OffloadedActivation:
         self._restored = out
 
     def prefetch_previous(self) -> None:
-        """Bring back the input (and stashed activations) of the layer that ran just before this one."""
+        """Bring back the input (and stashed activations) of the layer that ran just before this one; with
+        :func:`~pronghorn.memory.stash.late_fetch`, the stash only after this layer's MLP backward."""
+        fetch_deferred()  # a deferred fetch whose hook did not fire
         prev = self.previous() if self.previous is not None else None
         if prev is not None and prev.device == self.device:
             prev.prefetch()
             if prev.stash is not None:
-                prev.stash.prefetch()
+                if late_fetch():
+                    fetch_later(prev.stash)
+                else:
+                    prev.stash.prefetch()
 
     def restore(self) -> torch.Tensor:
         """The saved tensor, on its original device, safe to use on the current stream."""
@@ -276,20 +290,32 @@ class _CopySources:
     block as freed while it cannot be reused, so peak-memory figures would leave out copies that fall
     behind; holding the reference keeps them counted.
 
-    At most ``limit`` are held: a host that runs many layers ahead of the GPU (nothing in the step waits for
-    the GPU) would otherwise hold one layer input per layer it is ahead, and carry them into backward. Past the
-    limit the host waits for the oldest copy, which leaves ``limit`` layers of work queued on the GPU.
+    At most ``limit`` layer inputs are held: a host that runs many layers ahead of the GPU (nothing in the
+    step waits for the GPU) would otherwise hold one layer input per layer it is ahead, and carry them into
+    backward. Past the limit the host waits for the oldest layer input's copy, which leaves ``limit`` layers of
+    work queued on the GPU. Copies that do not pace the host (stashed activations) are held the same way but
+    never waited for: one wait per layer input already keeps the host in step, and more waits per layer
+    would leave the GPU too little queued work (the stash then made steps slower although the GPU had less
+    to do, benchmarks/results/2026-11-22-llama-3.1-8b-stash.md).
     """
 
     def __init__(self, limit: int = DEFAULT_COPY_LEAD):
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()  # (tensor, done event, paces the host)
         self.limit = limit
 
-    def hold(self, tensor: torch.Tensor, done: torch.cuda.Event) -> None:
+    def hold(self, tensor: torch.Tensor, done: torch.cuda.Event, paces_host: bool = True) -> None:
         self.release_finished()
-        while len(self._pending) >= self.limit:
-            self._pending.popleft()[1].synchronize()
-        self._pending.append((tensor, done))
+        if paces_host:
+            while sum(paces for _, _, paces in self._pending) >= self.limit:
+                self._wait_oldest_pacing()
+        self._pending.append((tensor, done, paces_host))
+
+    def _wait_oldest_pacing(self) -> None:
+        """Wait for the oldest layer input's copy; the copies queued before it on the one stream are done too."""
+        oldest = next(i for i, (_, _, paces) in enumerate(self._pending) if paces)
+        self._pending[oldest][1].synchronize()
+        for _ in range(oldest + 1):
+            self._pending.popleft()
 
     def release_finished(self) -> None:
         while self._pending and self._pending[0][1].query():
@@ -297,7 +323,7 @@ class _CopySources:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self._pending)
+        return sum(t.numel() * t.element_size() for t, _, _ in self._pending)
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -34,8 +34,8 @@ from collections import defaultdict, deque
 import torch
 
 __all__ = [
-    "LayerStash", "active_stash", "begin_forward", "current_stash", "next_layer_stash", "set_residual_stash",
-    "set_stashed_layers",
+    "LayerStash", "active_stash", "begin_forward", "current_stash", "fetch_after_grad", "fetch_deferred",
+    "fetch_later", "late_fetch", "next_layer_stash", "set_residual_stash", "set_stashed_layers",
 ]
 
 _state = threading.local()
@@ -44,15 +44,50 @@ _state = threading.local()
 STATS: dict[str, dict[str, int]] = defaultdict(lambda: {"parked": 0, "skipped": 0})
 _config = {
     "layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0),
+    "first": 0,
+    "late_fetch": False,
     "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "0").strip().lower() in ("1", "true", "on", "yes"),
 }
 
 
-def set_stashed_layers(n: int) -> None:
-    """Let the first ``n`` checkpointed layers of every forward stash their MLP gate output (0: off)."""
-    if n < 0:
-        raise ValueError(f"the number of stashed layers must be >= 0, got {n}")
-    _config["layers"] = n
+def set_stashed_layers(n: int, first: int = 0, late_fetch: bool = False) -> None:
+    """Let ``n`` checkpointed layers of every forward, from layer ``first`` on, stash their MLP gate output
+    (0: off). ``late_fetch``: bring a layer's stash back once the next layer's MLP backward is done rather than
+    when that layer's backward starts, so it can reuse that MLP's freed memory (see :func:`fetch_later`)."""
+    if n < 0 or first < 0:
+        raise ValueError(f"the number of stashed layers and the first of them must be >= 0, got {n} and {first}")
+    _config.update(layers=n, first=first, late_fetch=bool(late_fetch))
+
+
+def late_fetch() -> bool:
+    return _config["late_fetch"]
+
+
+def fetch_later(stash: LayerStash) -> None:
+    """Bring ``stash`` back at the next :func:`fetch_deferred` (the running layer's MLP backward registers one
+    through :func:`fetch_after_grad`) instead of now; a stash still waiting is fetched first."""
+    fetch_deferred()
+    _state.deferred = stash
+
+
+def fetch_deferred() -> None:
+    """Start bringing back the stash that :func:`fetch_later` deferred, if any."""
+    stash = getattr(_state, "deferred", None)
+    _state.deferred = None
+    if stash is not None:
+        stash.prefetch()
+
+
+def fetch_after_grad(tensor: torch.Tensor) -> None:
+    """Start the deferred fetch once ``tensor``'s gradient is made (the MLP input's: its backward is done and
+    its working memory freed). A take that comes first fetches its own stash, so a hook that never fires only
+    costs time."""
+    if getattr(_state, "deferred", None) is not None and tensor.requires_grad:
+        tensor.register_hook(_fetch_hook)
+
+
+def _fetch_hook(grad: torch.Tensor) -> None:
+    fetch_deferred()
 
 
 def set_residual_stash(on: bool) -> None:
@@ -69,7 +104,7 @@ def next_layer_stash() -> LayerStash | None:
     """A stash for the checkpointed layer about to run, or None when it parks nothing."""
     seen = getattr(_state, "layers_seen", 0)
     _state.layers_seen = seen + 1
-    mlp = seen < _config["layers"]
+    mlp = _config["first"] <= seen < _config["first"] + _config["layers"]
     return LayerStash(mlp=mlp, residual=_config["residual"]) if mlp or _config["residual"] else None
 
 
@@ -89,7 +124,7 @@ class LayerStash:
         first = tensors[0]
         parked = None
         if copies_in_flight_bytes() <= first.numel() * first.element_size():
-            parked = OffloadedActivation(first, link=False, keep_on_device=False)
+            parked = OffloadedActivation(first, link=False, keep_on_device=False, paces_host=False)
             if not parked.parked:  # no room in the host budget
                 parked.discard()
                 parked = None

@@ -98,6 +98,7 @@ def _residual_parked(spec: FamilySpec) -> bool:
 def mlp_forward(self, hidden_states, *, spec: FamilySpec):
     """Whole-MLP fused LoRA path when every projection qualifies; else the fused activation kernel."""
     from pronghorn.memory.recompute import in_backward_recompute
+    from pronghorn.memory.stash import fetch_after_grad
     from pronghorn.nn.activations import mlp_forward as activation_mlp
     from pronghorn.nn.lora import fused_mlp_forward
 
@@ -105,6 +106,8 @@ def mlp_forward(self, hidden_states, *, spec: FamilySpec):
         return activation_mlp(self, x, activation=spec.activation, fused_gate_up=spec.fused_gate_up)
 
     recompute = in_backward_recompute()
+    if recompute:
+        fetch_after_grad(hidden_states)  # the previous layer's stash may come back once this MLP's backward is done
     output_unused = spec.mlp_output_to_residual and recompute
     return fused_mlp_forward(self, hidden_states, spec.activation, fallback=unfused, output_unused=output_unused,
                              stash=_gate_up_stash(recompute))

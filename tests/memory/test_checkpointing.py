@@ -302,19 +302,21 @@ def test_cuda_copies_in_flight_are_bounded():
     del records
 
 
+class _Copy:  # stands in for a copy's CUDA event
+    def __init__(self):
+        self.done = self.waited = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited = self.done = True
+
+
 def test_copy_sources_wait_for_the_oldest_copy_past_their_limit():
     from pronghorn.memory import offload
 
-    class Copy:  # stands in for the copy's CUDA event
-        def __init__(self):
-            self.done = self.waited = False
-
-        def query(self):
-            return self.done
-
-        def synchronize(self):
-            self.waited = self.done = True
-
+    Copy = _Copy
     sources, copies = offload._CopySources(limit=2), [Copy() for _ in range(4)]
     for copy in copies[:2]:
         sources.hold(torch.zeros(1), copy)
@@ -324,6 +326,23 @@ def test_copy_sources_wait_for_the_oldest_copy_past_their_limit():
     assert copies[0].waited and not copies[1].waited and len(sources) == 2
     sources.hold(torch.zeros(1), copies[3])
     assert not copies[2].waited and len(sources) == 2  # copies[1] had finished: released, no wait
+
+
+def test_stashed_copies_never_make_the_host_wait_and_stay_held_until_a_later_wait_covers_them():
+    """Copies that do not pace the host (stashed activations) do not count toward the limit; a wait for a layer
+    input's copy queued after them releases them too (one copy stream: they finished first)."""
+    from pronghorn.memory import offload
+
+    sources, copies = offload._CopySources(limit=2), [_Copy() for _ in range(6)]
+    sources.hold(torch.zeros(1), copies[0])  # layer input
+    for copy in copies[1:4]:
+        sources.hold(torch.zeros(1), copy, paces_host=False)  # stashed gates
+    assert len(sources) == 4 and not any(c.waited for c in copies)
+    sources.hold(torch.zeros(1), copies[4])  # the second layer input: still within the limit
+    assert len(sources) == 5 and not any(c.waited for c in copies)
+    sources.hold(torch.zeros(1), copies[5])  # the third: waits for the first layer input only
+    assert [c.waited for c in copies] == [True, False, False, False, False, False]
+    assert len(sources) == 5  # the stashed gates queued after it are still held
 
 
 def test_set_copy_lead_sets_the_bound_and_rejects_less_than_one_layer():

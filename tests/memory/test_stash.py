@@ -10,8 +10,8 @@ from tests.memory._util import assert_grads_close, trainable_grads
 
 @pytest.fixture
 def stashed_layers():
-    def set_layers(n):
-        stash_module.set_stashed_layers(n)
+    def set_layers(n, **kwargs):
+        stash_module.set_stashed_layers(n, **kwargs)
 
     yield set_layers
     stash_module.set_stashed_layers(0)
@@ -67,7 +67,7 @@ def test_a_full_host_budget_drops_the_stash_and_the_recompute_computes(stashed_l
     assert stash.take("mlp") is None
 
 
-def _unparked_init(self, tensor, link=True, keep_on_device=True):
+def _unparked_init(self, tensor, link=True, keep_on_device=True, paces_host=True):
     self.parked, self._host, self._source, self._restored, self._host_bytes = False, None, None, None, 0
 
 
@@ -125,9 +125,43 @@ def test_has_tells_whether_the_next_take_returns_a_tensor(monkeypatch):
     assert not stash.has("residual") and stash.take("residual") is None
 
 
-def test_layer_count_must_not_be_negative():
+def test_layer_count_and_first_layer_must_not_be_negative():
     with pytest.raises(ValueError, match="must be >= 0"):
         stash_module.set_stashed_layers(-1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        stash_module.set_stashed_layers(2, first=-1)
+
+
+def test_a_range_of_layers_stashes(stashed_layers):
+    stashed_layers(2, first=1)
+    stash_module.begin_forward()
+    got = [stash_module.next_layer_stash() for _ in range(5)]
+    assert [s is not None and s.mlp for s in got] == [False, True, True, False, False]
+
+
+def test_a_late_fetch_waits_for_the_next_layers_mlp_backward(stashed_layers, tmp_path, monkeypatch):
+    """With ``late_fetch`` a layer's stash comes back from the hook on the next layer's MLP input gradient (its
+    MLP backward is done), and gradients are those of the usual fetch."""
+    import inspect
+
+    from tests.factories import save_tiny
+
+    path = save_tiny("llama", tmp_path / "llama", num_hidden_layers=3)
+    ids = torch.randint(5, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    grads = []
+    fetched_from = []
+    prefetch = stash_module.LayerStash.prefetch
+    monkeypatch.setattr(stash_module.LayerStash, "prefetch",
+                        lambda self: fetched_from.append(inspect.stack()[2].function) or prefetch(self))
+    for late in (False, True):
+        stashed_layers(2, late_fetch=late)
+        model = _load(path, True, "unsloth")
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(trainable_grads(model))
+    # layer 2's backward fetches layer 1's stash, layer 1's fetches layer 0's
+    assert fetched_from == ["backward"] * 2 + ["_fetch_hook"] * 2  # offload backward, or the hook
+    assert_grads_close(grads[1], grads[0], atol=0, rtol=0)
 
 
 @pytest.mark.gpu
