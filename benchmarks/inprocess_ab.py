@@ -9,7 +9,8 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers,
-  ``stashA-B`` that of layers A to B-1; ``late``: bring a parked gate back only after the next layer's MLP backward.
+  ``stashA-B`` that of layers A to B-1; ``late``: bring a parked gate back only after the next layer's MLP backward;
+  ``flightN``: park while up to N gates' worth of bytes are still on their way (:data:`pronghorn.memory.stash.IN_FLIGHT`).
 * ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
   (:mod:`pronghorn.memory.layer_graphs`; by default only layers holding 4-bit weights, without eager attention).
   Peak memory adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
@@ -51,7 +52,7 @@ def _phase_times(marks) -> dict:
 
 
 # the library's defaults, read before the first setting changes them
-DEFAULT_MLP_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES = DEFAULT_KEEP_BYTES = DEFAULT_GRAPHS = None
+DEFAULT_MLP_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES = DEFAULT_KEEP_BYTES = DEFAULT_GRAPHS = DEFAULT_IN_FLIGHT = None
 
 
 def apply_setting(name: str) -> None:
@@ -61,18 +62,20 @@ def apply_setting(name: str) -> None:
     from pronghorn.kernels.lora import mlp_chunked
     from pronghorn.memory import layer_graphs
     from pronghorn.memory.layer_graphs import set_layer_graphs
+    from pronghorn.memory import stash
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES, DEFAULT_GRAPHS
+    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES, DEFAULT_GRAPHS, DEFAULT_IN_FLIGHT
     if DEFAULT_MLP_CHUNK_BYTES is None:
-        DEFAULT_GRAPHS = layer_graphs._config["mode"]
+        DEFAULT_GRAPHS, DEFAULT_IN_FLIGHT = layer_graphs._config["mode"], stash.IN_FLIGHT
         DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES = mlp_chunked.CHUNK_BYTES, handoff.KEEP_BYTES
         DEFAULT_FORWARD_CHUNK_BYTES = mlp_chunked.FORWARD_CHUNK_BYTES
     handoff.KEEP_BYTES = DEFAULT_KEEP_BYTES
     set_copy_lead(DEFAULT_COPY_LEAD)
     torch.backends.cuda.preferred_blas_library("default")
     set_residual_stash(False)
+    stash.IN_FLIGHT = DEFAULT_IN_FLIGHT
     mlp_chunked.set_chunked_mlp("capture")
     mlp_chunked.CHUNK_BYTES = DEFAULT_MLP_CHUNK_BYTES
     mlp_chunked.FORWARD_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES
@@ -99,6 +102,8 @@ def apply_setting(name: str) -> None:
             stashed = (int(end) - int(first or 0), int(first or 0))
         elif part == "late":
             late = True
+        elif part.startswith("flight"):
+            stash.IN_FLIGHT = int(part[6:])
         elif part in ("unchunked", "chunked"):
             mlp_chunked.set_chunked_mlp("never" if part == "unchunked" else "always")
         elif part.startswith("keep"):
@@ -109,7 +114,7 @@ def apply_setting(name: str) -> None:
             mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, stashA-B, late, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, "
+                             "stashN, stashA-B, late, flightN, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, "
                              "fwdchunkN, keepN or default (joined by +)")
     set_stashed_layers(*stashed, late_fetch=late)
 

@@ -21,7 +21,7 @@ other direction's stream in backward, one layer ahead, like the layer inputs the
   ``PRONGHORN_STASH_MLP_LAYERS``) lets the first ``n`` layers park it.
 
 No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
-it would add parks nothing, and its recompute computes as usual. Parked copies take pinned memory from the same
+:data:`IN_FLIGHT` times what it would add parks nothing, and its recompute computes as usual. Parked copies take pinned memory from the same
 budget as the layer inputs and are likewise dropped where the budget has no room; they never stay on the GPU.
 """
 from __future__ import annotations
@@ -42,6 +42,10 @@ _state = threading.local()
 # Per name, puts that parked their tensor and puts that parked nothing (copies behind, or no host budget left);
 # read and reset by benchmarks to see how much of a step the stash covered.
 STATS: dict[str, dict[str, int]] = defaultdict(lambda: {"parked": 0, "skipped": 0})
+# How many tensors' worth of bytes may still be on their way to the host when a layer parks one more. The host
+# runs a layer or two ahead of the GPU, so at 1 the previous layer's copy is often still queued.
+IN_FLIGHT = 1
+
 _config = {
     "layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0),
     "first": 0,
@@ -123,7 +127,7 @@ class LayerStash:
 
         first = tensors[0]
         parked = None
-        if copies_in_flight_bytes() <= first.numel() * first.element_size():
+        if copies_in_flight_bytes() <= IN_FLIGHT * first.numel() * first.element_size():
             parked = OffloadedActivation(first, link=False, keep_on_device=False, paces_host=False)
             if not parked.parked:  # no room in the host budget
                 parked.discard()
