@@ -9,7 +9,7 @@ than the differences these settings make. Settings (``--settings``, comma-separa
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
   (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers,
-  ``stashA-B`` that of layers A to B-1; ``late``: bring a parked gate back only after the next layer's MLP backward;
+  ``stashA-B`` that of layers A to B-1; ``lateN``: layers below N bring a parked gate back only after the next layer's MLP backward;
   ``flightN``: park while up to N gates' worth of bytes are still on their way (:data:`pronghorn.memory.stash.IN_FLIGHT`).
 * ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
   (:mod:`pronghorn.memory.layer_graphs`; by default only layers holding 4-bit weights, without eager attention).
@@ -81,7 +81,7 @@ def apply_setting(name: str) -> None:
     mlp_chunked.FORWARD_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES
     set_layer_graphs(DEFAULT_GRAPHS)
     set_default_chunk_rows(None)
-    stashed, late = (0, 0), False
+    stashed, late = (0, 0), 0
     for part in name.split("+"):
         if part.startswith("graphs"):
             set_layer_graphs(True)
@@ -100,8 +100,8 @@ def apply_setting(name: str) -> None:
         elif part.startswith("stash"):
             first, _, end = part[5:].rpartition("-")
             stashed = (int(end) - int(first or 0), int(first or 0))
-        elif part == "late":
-            late = True
+        elif part.startswith("late"):
+            late = int(part[4:])
         elif part.startswith("flight"):
             stash.IN_FLIGHT = int(part[6:])
         elif part in ("unchunked", "chunked"):
@@ -114,9 +114,9 @@ def apply_setting(name: str) -> None:
             mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, stashA-B, late, flightN, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, "
+                             "stashN, stashA-B, lateN, flightN, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, "
                              "fwdchunkN, keepN or default (joined by +)")
-    set_stashed_layers(*stashed, late_fetch=late)
+    set_stashed_layers(*stashed, late_layers=late)
 
 
 def main() -> None:

@@ -38,7 +38,6 @@ from pronghorn.memory.stash import (
     active_stash,
     fetch_deferred,
     fetch_later,
-    late_fetch,
     next_layer_stash,
 )
 
@@ -136,14 +135,14 @@ class OffloadedActivation:
         self._restored = out
 
     def prefetch_previous(self) -> None:
-        """Bring back the input (and stashed activations) of the layer that ran just before this one; with
-        :func:`~pronghorn.memory.stash.late_fetch`, the stash only after this layer's MLP backward."""
+        """Bring back the input (and stashed activations) of the layer that ran just before this one; a stash
+        marked ``late`` only after this layer's MLP backward."""
         fetch_deferred()  # a deferred fetch whose hook did not fire
         prev = self.previous() if self.previous is not None else None
         if prev is not None and prev.device == self.device:
             prev.prefetch()
             if prev.stash is not None:
-                if late_fetch():
+                if prev.stash.late:
                     fetch_later(prev.stash)
                 else:
                     prev.stash.prefetch()

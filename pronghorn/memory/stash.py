@@ -35,7 +35,7 @@ import torch
 
 __all__ = [
     "LayerStash", "active_stash", "begin_forward", "current_stash", "fetch_after_grad", "fetch_deferred",
-    "fetch_later", "late_fetch", "next_layer_stash", "set_residual_stash", "set_stashed_layers",
+    "fetch_later", "next_layer_stash", "set_residual_stash", "set_stashed_layers",
 ]
 
 _state = threading.local()
@@ -49,22 +49,21 @@ IN_FLIGHT = 1
 _config = {
     "layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0),
     "first": 0,
-    "late_fetch": False,
+    "late_layers": 0,
     "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "0").strip().lower() in ("1", "true", "on", "yes"),
 }
 
 
-def set_stashed_layers(n: int, first: int = 0, late_fetch: bool = False) -> None:
+def set_stashed_layers(n: int, first: int = 0, late_layers: int = 0) -> None:
     """Let ``n`` checkpointed layers of every forward, from layer ``first`` on, stash their MLP gate output
-    (0: off). ``late_fetch``: bring a layer's stash back once the next layer's MLP backward is done rather than
-    when that layer's backward starts, so it can reuse that MLP's freed memory (see :func:`fetch_later`)."""
-    if n < 0 or first < 0:
-        raise ValueError(f"the number of stashed layers and the first of them must be >= 0, got {n} and {first}")
-    _config.update(layers=n, first=first, late_fetch=bool(late_fetch))
-
-
-def late_fetch() -> bool:
-    return _config["late_fetch"]
+    (0: off). Layers below ``late_layers`` bring their stash back only once the next layer's MLP backward is
+    done, reusing that MLP's freed memory (see :func:`fetch_later`); the others when the next layer's backward
+    starts. Backward reaches the first layers last, when most LoRA gradients exist and memory peaks; a gate
+    fetched a layer early there would raise the peak."""
+    if min(n, first, late_layers) < 0:
+        raise ValueError(f"the number of stashed layers, the first of them and the late-fetching layers must be "
+                         f">= 0, got {n}, {first} and {late_layers}")
+    _config.update(layers=n, first=first, late_layers=late_layers)
 
 
 def fetch_later(stash: LayerStash) -> None:
@@ -109,15 +108,18 @@ def next_layer_stash() -> LayerStash | None:
     seen = getattr(_state, "layers_seen", 0)
     _state.layers_seen = seen + 1
     mlp = _config["first"] <= seen < _config["first"] + _config["layers"]
-    return LayerStash(mlp=mlp, residual=_config["residual"]) if mlp or _config["residual"] else None
+    if not (mlp or _config["residual"]):
+        return None
+    return LayerStash(mlp=mlp, residual=_config["residual"], late=seen < _config["late_layers"])
 
 
 class LayerStash:
     """Named groups of tensors parked in host memory between a layer's forward and its recompute. A name may
     be put several times (the tiled MLP runs once per sequence tile); takes return them in the same order."""
 
-    def __init__(self, mlp: bool = True, residual: bool = True):
+    def __init__(self, mlp: bool = True, residual: bool = True, late: bool = False):
         self.mlp, self.residual = mlp, residual  # which of the two activations this layer may park
+        self.late = late  # fetched back after the next layer's MLP backward (see set_stashed_layers)
         self._entries: dict[str, deque] = defaultdict(deque)
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:

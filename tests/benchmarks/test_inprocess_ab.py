@@ -21,15 +21,15 @@ def test_each_setting_starts_from_the_defaults():
         assert offload._COPYING.limit == 2 and stash._config["residual"]
         inprocess_ab.apply_setting("stash4")
         assert stash._config["layers"] == 4 and not stash._config["residual"]
-        inprocess_ab.apply_setting("stash2-30+late+flight3")
-        assert (stash._config["first"], stash._config["layers"], stash._config["late_fetch"]) == (2, 28, True)
+        inprocess_ab.apply_setting("stash2-30+late12+flight3")
+        assert (stash._config["first"], stash._config["layers"], stash._config["late_layers"]) == (2, 28, 12)
         assert stash.IN_FLIGHT == 3
         with pytest.raises(ValueError, match="unknown setting 'fast'"):
             inprocess_ab.apply_setting("fast")
     finally:
         inprocess_ab.apply_setting("default")
     assert offload._COPYING.limit == 2 and stash._config["layers"] == 0 and not stash._config["residual"]
-    assert stash._config["first"] == 0 and not stash._config["late_fetch"] and stash.IN_FLIGHT == 1
+    assert stash._config["first"] == 0 and stash._config["late_layers"] == 0 and stash.IN_FLIGHT == 1
 
 
 def test_phase_times_pair_host_and_device_marks():

@@ -130,6 +130,8 @@ def test_layer_count_and_first_layer_must_not_be_negative():
         stash_module.set_stashed_layers(-1)
     with pytest.raises(ValueError, match="must be >= 0"):
         stash_module.set_stashed_layers(2, first=-1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        stash_module.set_stashed_layers(2, late_layers=-1)
 
 
 def test_a_range_of_layers_stashes(stashed_layers):
@@ -137,10 +139,13 @@ def test_a_range_of_layers_stashes(stashed_layers):
     stash_module.begin_forward()
     got = [stash_module.next_layer_stash() for _ in range(5)]
     assert [s is not None and s.mlp for s in got] == [False, True, True, False, False]
+    stashed_layers(3, late_layers=2)
+    stash_module.begin_forward()
+    assert [stash_module.next_layer_stash().late for _ in range(3)] == [True, True, False]
 
 
 def test_a_late_fetch_waits_for_the_next_layers_mlp_backward(stashed_layers, tmp_path, monkeypatch):
-    """With ``late_fetch`` a layer's stash comes back from the hook on the next layer's MLP input gradient (its
+    """With ``late_layers`` a layer's stash comes back from the hook on the next layer's MLP input gradient (its
     MLP backward is done), and gradients are those of the usual fetch."""
     import inspect
 
@@ -153,8 +158,8 @@ def test_a_late_fetch_waits_for_the_next_layers_mlp_backward(stashed_layers, tmp
     prefetch = stash_module.LayerStash.prefetch
     monkeypatch.setattr(stash_module.LayerStash, "prefetch",
                         lambda self: fetched_from.append(inspect.stack()[2].function) or prefetch(self))
-    for late in (False, True):
-        stashed_layers(2, late_fetch=late)
+    for late in (0, 3):
+        stashed_layers(2, late_layers=late)
         model = _load(path, True, "unsloth")
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
