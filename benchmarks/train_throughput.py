@@ -57,9 +57,10 @@ def parse_args(argv=None):
                         "hf_peft and liger always use non-reentrant checkpointing")
     p.add_argument("--attn", choices=["sdpa", "eager"],
                    help="attn_implementation for hf_peft/liger (default: the shape's; sdpa except Gemma-2)")
-    p.add_argument("--stash-mlp-layers", type=int, default=0,
-                   help="pronghorn only, experimental: stash the MLP gate outputs of the first N checkpointed "
-                        "layers in host memory so the backward recompute skips their GEMMs (0: off)")
+    p.add_argument("--stash-mlp-layers", type=int, default=None,
+                   help="pronghorn only: stash the MLP gate outputs of the first N checkpointed layers in host "
+                        "memory so the backward recompute skips their GEMMs (0: off; default: the library's, "
+                        "every layer that is not graphed)")
     p.add_argument("--stash-residual", type=int, choices=[0, 1], default=0,
                    help="pronghorn only, experimental: park each checkpointed layer's post-attention residual in "
                         "host memory so the backward recompute skips o_proj (1) or recompute it (0, the default)")

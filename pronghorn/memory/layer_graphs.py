@@ -54,7 +54,9 @@ from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash
 from pronghorn.nn.positions import holds_one_sequence_per_row, one_sequence_positions
 
-__all__ = ["layer_graphs_enabled", "pool_bytes", "reset", "run_backward", "run_forward", "set_layer_graphs"]
+__all__ = [
+    "layer_graphs_enabled", "mode_allows", "pool_bytes", "reset", "run_backward", "run_forward", "set_layer_graphs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +353,7 @@ def _autocast(device: torch.device, state: tuple):
 _EAGER = (None, None, None, None)
 
 
-def _mode_allows(function, hidden: torch.Tensor) -> bool:
+def mode_allows(function, hidden: torch.Tensor) -> bool:
     """Whether the mode lets this call be graphed; asked first, so an ungraphed layer costs the host nothing more."""
     mode = _config["mode"]
     if mode == "off" or not hidden.is_cuda:
@@ -362,7 +364,7 @@ def _mode_allows(function, hidden: torch.Tensor) -> bool:
 def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
     """``(key, graph, tensors, structure)`` of this call (see :func:`_signature`). ``graph`` None means run it
     eagerly (ineligible, failed, too many shapes, or not called :data:`CAPTURE_AT` times yet); "capture" means
-    capture it now. The mode is asked before (:func:`_mode_allows`)."""
+    capture it now. The mode is asked before (:func:`mode_allows`)."""
     try:
         key, tensors, structure = _signature(phase, function, args)
     except _Ineligible as e:
@@ -435,7 +437,7 @@ def _try_capture(key, body, device) -> torch.cuda.CUDAGraph | None:
 def run_forward(function: Callable, args: tuple, hidden_index: int):
     """``function(*args)`` (a checkpointed layer's forward, no autograd) replayed from its graph, or None: run
     it eagerly."""
-    if not _mode_allows(function, args[hidden_index]):
+    if not mode_allows(function, args[hidden_index]):
         return None
     device = args[hidden_index].device
     autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
@@ -483,7 +485,7 @@ def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: 
     """Gradients of a checkpointed layer's inputs (one per entry of ``args``, None where none is needed) from
     its graphed recompute and backward, with its parameters' gradients added to their ``.grad``; or None: run
     it eagerly. ``args`` holds the restored layer input at ``hidden_index``; ``autocast`` is the forward's."""
-    if not _mode_allows(function, args[hidden_index]):
+    if not mode_allows(function, args[hidden_index]):
         return None
     if any(n for i, n in enumerate(needs_grad) if i != hidden_index):
         return None  # other inputs needing gradients: rare, and not worth a graph

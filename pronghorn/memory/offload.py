@@ -364,11 +364,12 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.rng = _capture_rng(hidden.device) if preserve_rng_state else None
         ctx.input_needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
         ctx.record = OffloadedActivation(hidden)
-        ctx.record.stash = stash = next_layer_stash()
+        graphed = layer_graphs.layer_graphs_enabled() and layer_graphs.mode_allows(run_function, hidden)
+        ctx.record.stash = stash = next_layer_stash(auto=hidden.is_cuda and not graphed)
         # The other positional arguments are rare (transformers passes hidden_states alone) and small.
         ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]
         outputs = None
-        if stash is None and layer_graphs.layer_graphs_enabled():
+        if stash is None and graphed:
             outputs = layer_graphs.run_forward(run_function, args, offload_index)
         if outputs is None:
             with active_stash(stash):

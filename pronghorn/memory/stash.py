@@ -44,23 +44,38 @@ _state = threading.local()
 STATS: dict[str, dict[str, int]] = defaultdict(lambda: {"parked": 0, "skipped": 0})
 # How many tensors' worth of bytes may still be on their way to the host when a layer parks one more. The host
 # runs a layer or two ahead of the GPU, so at 1 the previous layer's copy is often still queued.
-IN_FLIGHT = 1
+IN_FLIGHT = 2
+
+ENV_LAYERS = "PRONGHORN_STASH_MLP_LAYERS"
+AUTO = None  # the default: every layer on a GPU that is not replayed as a CUDA graph, each fetched late
+
+
+def _layers_from_env() -> int | None:
+    value = os.environ.get(ENV_LAYERS, "auto").strip().lower()
+    if value in ("auto", ""):
+        return AUTO
+    if not value.isdigit():
+        raise ValueError(f"{ENV_LAYERS}={value!r}: expected 'auto' (the default) or a number of layers (0: off)")
+    return int(value)
+
 
 _config = {
-    "layers": int(os.environ.get("PRONGHORN_STASH_MLP_LAYERS", "0") or 0),
+    "layers": _layers_from_env(),
     "first": 0,
     "late_layers": 0,
     "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "0").strip().lower() in ("1", "true", "on", "yes"),
 }
 
 
-def set_stashed_layers(n: int, first: int = 0, late_layers: int = 0) -> None:
-    """Let ``n`` checkpointed layers of every forward, from layer ``first`` on, stash their MLP gate output
-    (0: off). Layers below ``late_layers`` bring their stash back only once the next layer's MLP backward is
-    done, reusing that MLP's freed memory (see :func:`fetch_later`); the others when the next layer's backward
-    starts. Backward reaches the first layers last, when most LoRA gradients exist and memory peaks; a gate
-    fetched a layer early there would raise the peak."""
-    if min(n, first, late_layers) < 0:
+def set_stashed_layers(n: int | None, first: int = 0, late_layers: int = 0) -> None:
+    """Which checkpointed layers stash their MLP gate output: ``None`` (the default, :data:`AUTO`) every layer on
+    a GPU that is not replayed as a CUDA graph; otherwise ``n`` layers from layer ``first`` on (0: none).
+
+    Layers below ``late_layers`` (with ``None``: all) bring their stash back only once the next layer's MLP
+    backward is done, reusing that MLP's freed memory (see :func:`fetch_later`); the others when the next
+    layer's backward starts. Backward reaches the first layers last, when most LoRA gradients exist and
+    memory peaks; a gate fetched a layer early there would raise the peak."""
+    if n is not None and min(n, first, late_layers) < 0:
         raise ValueError(f"the number of stashed layers, the first of them and the late-fetching layers must be "
                          f">= 0, got {n}, {first} and {late_layers}")
     _config.update(layers=n, first=first, late_layers=late_layers)
@@ -103,14 +118,20 @@ def begin_forward() -> None:
     _state.layers_seen = 0
 
 
-def next_layer_stash() -> LayerStash | None:
-    """A stash for the checkpointed layer about to run, or None when it parks nothing."""
+def next_layer_stash(auto: bool = False) -> LayerStash | None:
+    """A stash for the checkpointed layer about to run, or None when it parks nothing. ``auto``: the default
+    (:data:`AUTO`) covers this layer (it runs on a GPU and is not graphed)."""
     seen = getattr(_state, "layers_seen", 0)
     _state.layers_seen = seen + 1
-    mlp = _config["first"] <= seen < _config["first"] + _config["layers"]
+    layers = _config["layers"]
+    if layers is AUTO:
+        mlp, late = auto, True
+    else:
+        mlp = _config["first"] <= seen < _config["first"] + layers
+        late = seen < _config["late_layers"]
     if not (mlp or _config["residual"]):
         return None
-    return LayerStash(mlp=mlp, residual=_config["residual"], late=seen < _config["late_layers"])
+    return LayerStash(mlp=mlp, residual=_config["residual"], late=late)
 
 
 class LayerStash:

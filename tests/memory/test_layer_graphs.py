@@ -72,7 +72,7 @@ def test_the_mode_is_asked_before_anything_else():
     for mode, hidden, allowed in (("off", on_gpu, False), ("on", torch.zeros(1), False), ("on", on_gpu, True),
                                   ("quantized", on_gpu, False)):
         layer_graphs.set_layer_graphs(mode)
-        assert layer_graphs._mode_allows(call, hidden) is allowed
+        assert layer_graphs.mode_allows(call, hidden) is allowed
 
 
 def test_cpu_calls_run_eagerly(graphs_on):

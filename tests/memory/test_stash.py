@@ -14,7 +14,7 @@ def stashed_layers():
         stash_module.set_stashed_layers(n, **kwargs)
 
     yield set_layers
-    stash_module.set_stashed_layers(0)
+    stash_module.set_stashed_layers(stash_module.AUTO)
 
 
 def _load(path, fast, gc):
@@ -93,10 +93,10 @@ def test_a_layer_parks_nothing_while_earlier_copies_are_still_on_their_way(monke
 
     stash = stash_module.LayerStash()
     gate = torch.ones(8)  # 32 bytes
-    monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: 33)
+    monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: stash_module.IN_FLIGHT * 32 + 1)
     stash.put("mlp", [gate, gate])
     assert stash.take("mlp") is None  # the recompute computes the gate itself
-    monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: 32)
+    monkeypatch.setattr(offload, "copies_in_flight_bytes", lambda: stash_module.IN_FLIGHT * 32)
     stash.put("mlp", [gate, gate])
     assert stash.take("mlp") is not None
 
@@ -132,6 +132,25 @@ def test_layer_count_and_first_layer_must_not_be_negative():
         stash_module.set_stashed_layers(2, first=-1)
     with pytest.raises(ValueError, match="must be >= 0"):
         stash_module.set_stashed_layers(2, late_layers=-1)
+
+
+def test_by_default_every_layer_the_caller_allows_stashes_and_fetches_late(stashed_layers):
+    stashed_layers(stash_module.AUTO)
+    stash_module.begin_forward()
+    got = [stash_module.next_layer_stash(auto=allowed) for allowed in (True, False, True)]
+    assert got[1] is None and all(s.mlp and s.late for s in (got[0], got[2]))
+
+
+@pytest.mark.parametrize("value,want", [("auto", stash_module.AUTO), ("", stash_module.AUTO), ("0", 0), ("12", 12)])
+def test_layers_from_the_environment(value, want, monkeypatch):
+    monkeypatch.setenv(stash_module.ENV_LAYERS, value)
+    assert stash_module._layers_from_env() == want
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(stash_module.ENV_LAYERS, "all")
+    with pytest.raises(ValueError, match="PRONGHORN_STASH_MLP_LAYERS='all'.*'auto'"):
+        stash_module._layers_from_env()
 
 
 def test_a_range_of_layers_stashes(stashed_layers):
@@ -179,17 +198,21 @@ def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, r
 
     path = save_tiny("llama", tmp_path / "llama", num_hidden_layers=3)
     ids = torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    grads = []
-    for layers, residual in ((0, False), (2, True)):
+    grads, parked = [], []
+    for layers, residual in ((0, False), (2, True), (stash_module.AUTO, False)):
         stashed_layers(layers)
         residual_stash(residual)
+        stash_module.STATS.clear()
         model = _load(path, True, "unsloth").cuda()
         model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         grads.append(trainable_grads(model))
-    assert_grads_close(grads[1], grads[0], atol=0, rtol=0)  # the same values, fetched instead of recomputed
+        parked.append(stash_module.STATS["mlp"]["parked"])
+    assert parked == [0, 2, 3]  # the default parks every (ungraphed) layer's gate
+    for got in grads[1:]:
+        assert_grads_close(got, grads[0], atol=0, rtol=0)  # the same values, fetched instead of recomputed
 
 
 @pytest.fixture
