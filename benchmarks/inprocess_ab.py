@@ -8,7 +8,7 @@ than the differences these settings make. Settings (``--settings``, comma-separa
   default ``DEFAULT_COPY_LEAD``): how many layers of work the host may queue ahead of the GPU in the forward pass.
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
-  (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers (``stash0``: none; by default every ungraphed layer),
+  (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers (``stashauto``: of every ungraphed layer),
   ``stashA-B`` that of layers A to B-1; ``lateN``: layers below N bring a parked gate back only after the next layer's MLP backward;
   ``flightN``: park while up to N gates' worth of bytes are still on their way (:data:`pronghorn.memory.stash.IN_FLIGHT`).
 * ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
@@ -81,7 +81,7 @@ def apply_setting(name: str) -> None:
     mlp_chunked.FORWARD_CHUNK_BYTES = DEFAULT_FORWARD_CHUNK_BYTES
     set_layer_graphs(DEFAULT_GRAPHS)
     set_default_chunk_rows(None)
-    stashed, late = (None, 0), 0  # the library default unless a stash setting names layers
+    stashed, late = (0, 0), 0
     for part in name.split("+"):
         if part.startswith("graphs"):
             set_layer_graphs(True)
@@ -99,7 +99,7 @@ def apply_setting(name: str) -> None:
             set_residual_stash(True)
         elif part.startswith("stash"):
             first, _, end = part[5:].rpartition("-")
-            stashed = (int(end) - int(first or 0), int(first or 0))
+            stashed = ("auto", 0) if end == "auto" else (int(end) - int(first or 0), int(first or 0))
         elif part.startswith("late"):
             late = int(part[4:])
         elif part.startswith("flight"):

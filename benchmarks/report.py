@@ -30,7 +30,7 @@ def label(rec: dict) -> str:
         name += " (gc=True)"
     if rec.get("autocast_bf16") is False:
         name += " (no autocast)"
-    if rec.get("stash_mlp_layers"):
+    if rec.get("stash_mlp_layers") not in (None, 0, "0"):
         name += f" (stash {rec['stash_mlp_layers']})"
     if rec.get("stash_residual"):
         name += " (residual stash)"

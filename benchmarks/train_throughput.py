@@ -57,10 +57,10 @@ def parse_args(argv=None):
                         "hf_peft and liger always use non-reentrant checkpointing")
     p.add_argument("--attn", choices=["sdpa", "eager"],
                    help="attn_implementation for hf_peft/liger (default: the shape's; sdpa except Gemma-2)")
-    p.add_argument("--stash-mlp-layers", type=int, default=None,
+    p.add_argument("--stash-mlp-layers", default=None,
                    help="pronghorn only: stash the MLP gate outputs of the first N checkpointed layers in host "
-                        "memory so the backward recompute skips their GEMMs (0: off; default: the library's, "
-                        "every layer that is not graphed)")
+                        "memory so the backward recompute skips their GEMMs (0: off; auto: every layer that is "
+                        "not graphed; default: the library's)")
     p.add_argument("--stash-residual", type=int, choices=[0, 1], default=0,
                    help="pronghorn only, experimental: park each checkpointed layer's post-attention residual in "
                         "host memory so the backward recompute skips o_proj (1) or recompute it (0, the default)")
@@ -152,7 +152,8 @@ def load_pronghorn(args, shape, model_dir, seq_len):
     from pronghorn import FastLanguageModel
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    set_stashed_layers(args.stash_mlp_layers)
+    if args.stash_mlp_layers is not None:
+        set_stashed_layers(args.stash_mlp_layers)
     set_residual_stash(bool(args.stash_residual))
     if args.cuda_graphs != "default":
         from pronghorn.memory.layer_graphs import set_layer_graphs

@@ -47,37 +47,37 @@ STATS: dict[str, dict[str, int]] = defaultdict(lambda: {"parked": 0, "skipped": 
 IN_FLIGHT = 2
 
 ENV_LAYERS = "PRONGHORN_STASH_MLP_LAYERS"
-AUTO = None  # the default: every layer on a GPU that is not replayed as a CUDA graph, each fetched late
+AUTO = "auto"  # every layer on a GPU that is not replayed as a CUDA graph, each fetched late
 
 
-def _layers_from_env() -> int | None:
-    value = os.environ.get(ENV_LAYERS, "auto").strip().lower()
-    if value in ("auto", ""):
-        return AUTO
-    if not value.isdigit():
-        raise ValueError(f"{ENV_LAYERS}={value!r}: expected 'auto' (the default) or a number of layers (0: off)")
-    return int(value)
+def _layers(value, source: str) -> int | str:
+    value = str(value).strip().lower() or "0"
+    if value != AUTO and not value.isdigit():
+        raise ValueError(f"{source}={value!r}: expected a number of layers (0: off) or 'auto' (every layer "
+                         "that is not graphed)")
+    return value if value == AUTO else int(value)
 
 
 _config = {
-    "layers": _layers_from_env(),
+    "layers": _layers(os.environ.get(ENV_LAYERS, "0"), ENV_LAYERS),
     "first": 0,
     "late_layers": 0,
     "residual": os.environ.get("PRONGHORN_STASH_RESIDUAL", "0").strip().lower() in ("1", "true", "on", "yes"),
 }
 
 
-def set_stashed_layers(n: int | None, first: int = 0, late_layers: int = 0) -> None:
-    """Which checkpointed layers stash their MLP gate output: ``None`` (the default, :data:`AUTO`) every layer on
-    a GPU that is not replayed as a CUDA graph; otherwise ``n`` layers from layer ``first`` on (0: none).
+def set_stashed_layers(n: int | str, first: int = 0, late_layers: int = 0) -> None:
+    """Which checkpointed layers stash their MLP gate output: ``n`` layers from layer ``first`` on (0, the
+    default: none), or ``"auto"``: every layer on a GPU that is not replayed as a CUDA graph.
 
-    Layers below ``late_layers`` (with ``None``: all) bring their stash back only once the next layer's MLP
+    Layers below ``late_layers`` (with ``"auto"``: all) bring their stash back only once the next layer's MLP
     backward is done, reusing that MLP's freed memory (see :func:`fetch_later`); the others when the next
     layer's backward starts. Backward reaches the first layers last, when most LoRA gradients exist and
     memory peaks; a gate fetched a layer early there would raise the peak."""
-    if n is not None and min(n, first, late_layers) < 0:
-        raise ValueError(f"the number of stashed layers, the first of them and the late-fetching layers must be "
-                         f">= 0, got {n}, {first} and {late_layers}")
+    n = _layers(n, "n")
+    if min(first, late_layers) < 0:
+        raise ValueError(f"the first stashed layer and the late-fetching layers must be >= 0, got {first} and "
+                         f"{late_layers}")
     _config.update(layers=n, first=first, late_layers=late_layers)
 
 
@@ -124,7 +124,7 @@ def next_layer_stash(auto: bool = False) -> LayerStash | None:
     seen = getattr(_state, "layers_seen", 0)
     _state.layers_seen = seen + 1
     layers = _config["layers"]
-    if layers is AUTO:
+    if layers == AUTO:
         mlp, late = auto, True
     else:
         mlp = _config["first"] <= seen < _config["first"] + layers

@@ -28,7 +28,7 @@ def test_each_setting_starts_from_the_defaults():
             inprocess_ab.apply_setting("fast")
     finally:
         inprocess_ab.apply_setting("default")
-    assert offload._COPYING.limit == 2 and stash._config["layers"] is stash.AUTO and not stash._config["residual"]
+    assert offload._COPYING.limit == 2 and stash._config["layers"] == 0 and not stash._config["residual"]
     assert stash._config["first"] == 0 and stash._config["late_layers"] == 0 and stash.IN_FLIGHT == 2
 
 

@@ -14,7 +14,7 @@ def stashed_layers():
         stash_module.set_stashed_layers(n, **kwargs)
 
     yield set_layers
-    stash_module.set_stashed_layers(stash_module.AUTO)
+    stash_module.set_stashed_layers(0)
 
 
 def _load(path, fast, gc):
@@ -126,7 +126,7 @@ def test_has_tells_whether_the_next_take_returns_a_tensor(monkeypatch):
 
 
 def test_layer_count_and_first_layer_must_not_be_negative():
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="n='-1': expected a number of layers"):
         stash_module.set_stashed_layers(-1)
     with pytest.raises(ValueError, match="must be >= 0"):
         stash_module.set_stashed_layers(2, first=-1)
@@ -141,16 +141,14 @@ def test_by_default_every_layer_the_caller_allows_stashes_and_fetches_late(stash
     assert got[1] is None and all(s.mlp and s.late for s in (got[0], got[2]))
 
 
-@pytest.mark.parametrize("value,want", [("auto", stash_module.AUTO), ("", stash_module.AUTO), ("0", 0), ("12", 12)])
-def test_layers_from_the_environment(value, want, monkeypatch):
-    monkeypatch.setenv(stash_module.ENV_LAYERS, value)
-    assert stash_module._layers_from_env() == want
+@pytest.mark.parametrize("value,want", [("auto", "auto"), (" Auto", "auto"), ("", 0), ("0", 0), ("12", 12)])
+def test_layer_settings_read_as_auto_or_a_count(value, want):
+    assert stash_module._layers(value, "X") == want
 
 
-def test_a_bad_environment_value_names_the_variable(monkeypatch):
-    monkeypatch.setenv(stash_module.ENV_LAYERS, "all")
+def test_a_bad_layer_setting_names_its_source():
     with pytest.raises(ValueError, match="PRONGHORN_STASH_MLP_LAYERS='all'.*'auto'"):
-        stash_module._layers_from_env()
+        stash_module._layers("all", stash_module.ENV_LAYERS)
 
 
 def test_a_range_of_layers_stashes(stashed_layers):
