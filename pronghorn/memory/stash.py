@@ -14,15 +14,19 @@ other direction's stream in backward, one layer ahead, like the layer inputs the
   no faster in bf16 and slower in QLoRA: the compute stream then waits on the copies (its idle time while
   copies ran: 89 vs 28 ms over two steps).
   :func:`set_residual_stash` (or ``PRONGHORN_STASH_RESIDUAL=1``) turns it on.
-- ``"mlp"`` (experimental, off): the MLP gate output (117 MB per layer, or Phi-3's fused ``gate_up``), so the
-  recompute skips the gate GEMM. Measured on an H100 with an 8B model
-  (benchmarks/results/2026-11-22-llama-3.1-8b-stash.md): the GPU does 10% less work per step, but the step is
-  no shorter, because compute then waits on the copies. :func:`set_stashed_layers` (or
-  ``PRONGHORN_STASH_MLP_LAYERS``) lets the first ``n`` layers park it.
+- ``"mlp"`` (off by default): the MLP gate output (117 MB per layer, or Phi-3's fused ``gate_up``), so the
+  recompute skips the gate GEMM. :func:`set_stashed_layers` (or ``PRONGHORN_STASH_MLP_LAYERS=n|auto``) picks
+  the layers; ``"auto"`` parks every ungraphed layer's gate. Measured on H100s with an 8B model in bf16
+  (benchmarks/results/2026-11-23-stash-schedule.md): every gate parked, backward's GPU time fell by 9%, and
+  in-process A/B steps were 2-4% shorter, but two standalone runs were 2.5-4.6% slower. The eager bf16 step
+  is close to host-bound (its host time per step is about its GPU time), so the GPU's savings rarely show.
 
 No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
-:data:`IN_FLIGHT` times what it would add parks nothing, and its recompute computes as usual. Parked copies take pinned memory from the same
-budget as the layer inputs and are likewise dropped where the budget has no room; they never stay on the GPU.
+:data:`IN_FLIGHT` times what it would add parks nothing, and its recompute computes as usual. Stashed copies
+never make the host wait (only layer inputs pace it, see ``offload._CopySources``). A stash comes back one layer
+ahead, or for ``late`` layers only after the next layer's MLP backward, whose freed memory it then reuses: with
+every layer late, parking costs no peak memory. Parked copies take pinned memory from the same budget as the
+layer inputs and are likewise dropped where the budget has no room; they never stay on the GPU.
 """
 from __future__ import annotations
 
