@@ -8,9 +8,11 @@ than the differences these settings make. Settings (``--settings``, comma-separa
   default ``DEFAULT_COPY_LEAD``): how many layers of work the host may queue ahead of the GPU in the forward pass.
 * ``blas-cublas`` / ``blas-cublaslt``: the BLAS library PyTorch prefers for its GEMMs.
 * ``residual``: park each layer's post-attention residual in host memory, so the recompute skips o_proj
-  (:func:`pronghorn.memory.stash.set_residual_stash`); ``stashN``: park the MLP gate output of the first N layers (``stashauto``: of every ungraphed layer),
-  ``stashA-B`` that of layers A to B-1; ``lateN``: layers below N bring a parked gate back only after the next layer's MLP backward;
-  ``flightN``: park while up to N gates' worth of bytes are still on their way (:data:`pronghorn.memory.stash.IN_FLIGHT`).
+  (:func:`pronghorn.memory.stash.set_residual_stash`).
+* ``stashN``: park the MLP gate output of the first N layers; ``stashA-B``: of layers A to B-1; ``stashauto``: of
+  every ungraphed layer (:func:`pronghorn.memory.stash.set_stashed_layers`). ``lateN``: layers below N bring a
+  parked gate back only after the next layer's MLP backward. ``flightN``: park while up to N gates' worth of
+  bytes are still on their way (:data:`pronghorn.memory.stash.IN_FLIGHT`).
 * ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
   (:mod:`pronghorn.memory.layer_graphs`; by default only layers holding 4-bit weights, without eager attention).
   Peak memory adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
@@ -60,13 +62,13 @@ def apply_setting(name: str) -> None:
     from pronghorn.kernels.cross_entropy import set_default_chunk_rows
     from pronghorn.kernels.dequant import handoff
     from pronghorn.kernels.lora import mlp_chunked
-    from pronghorn.memory import layer_graphs
+    from pronghorn.memory import layer_graphs, stash
     from pronghorn.memory.layer_graphs import set_layer_graphs
-    from pronghorn.memory import stash
     from pronghorn.memory.offload import DEFAULT_COPY_LEAD, set_copy_lead
     from pronghorn.memory.stash import set_residual_stash, set_stashed_layers
 
-    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES, DEFAULT_GRAPHS, DEFAULT_IN_FLIGHT
+    global DEFAULT_MLP_CHUNK_BYTES, DEFAULT_FORWARD_CHUNK_BYTES, DEFAULT_KEEP_BYTES, DEFAULT_GRAPHS
+    global DEFAULT_IN_FLIGHT
     if DEFAULT_MLP_CHUNK_BYTES is None:
         DEFAULT_GRAPHS, DEFAULT_IN_FLIGHT = layer_graphs._config["mode"], stash.IN_FLIGHT
         DEFAULT_MLP_CHUNK_BYTES, DEFAULT_KEEP_BYTES = mlp_chunked.CHUNK_BYTES, handoff.KEEP_BYTES
@@ -114,8 +116,8 @@ def apply_setting(name: str) -> None:
             mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, stashA-B, lateN, flightN, graphs, eager, graphs-ceN, unchunked, chunked, mlpchunkN, "
-                             "fwdchunkN, keepN or default (joined by +)")
+                             "stashN, stashA-B, stashauto, lateN, flightN, graphs, eager, graphs-ceN, unchunked, "
+                             "chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
     set_stashed_layers(*stashed, late_layers=late)
 
 

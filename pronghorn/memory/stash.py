@@ -18,7 +18,7 @@ other direction's stream in backward, one layer ahead, like the layer inputs the
   recompute skips the gate GEMM. :func:`set_stashed_layers` (or ``PRONGHORN_STASH_MLP_LAYERS=n|auto``) picks
   the layers; ``"auto"`` parks every ungraphed layer's gate. Measured on H100s with an 8B model in bf16
   (benchmarks/results/2026-11-23-stash-schedule.md): every gate parked, backward's GPU time fell by 9%, and
-  in-process A/B steps were 2-4% shorter, but two standalone runs were 2.5-4.6% slower. The eager bf16 step
+  in-process A/B steps were 2-4% shorter, but two standalone runs were 2.6-4.6% slower. The eager bf16 step
   is close to host-bound (its host time per step is about its GPU time), so the GPU's savings rarely show.
 
 No copy is allowed to fall behind: a layer whose forward finds more bytes still on their way to the host than
