@@ -13,7 +13,7 @@ Llama-3.1-8B steps were no shorter, and the graphs' pool added 0.25-0.30 GiB to 
 now leaves its MLP to the chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`), which shrank the pool
 from 0.98 to 0.76 GiB. On an H100 whose host could not keep up, graphs took an 8B QLoRA step from 1.08x to 1.27x
 Unsloth; where the host kept up, bf16 steps were about 5% slower than eager ones
-(benchmarks/results/2026-11-22-mlp-chunked.md). Hence still off by default.
+(benchmarks/results/2026-11-22-mlp-chunked.md). Hence bf16 layers stay eager by default (below).
 
 What keeps a replay equal to running the layer:
 

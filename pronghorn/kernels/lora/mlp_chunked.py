@@ -28,7 +28,7 @@ from ..dequant.weights import dense_part, is_quantized, weight_rows
 from ..lora_gated.reference import LowRank
 from . import cast_cache
 from .activation import gated_backward_, gated_forward
-from .projection import _cat_factors, _scaled, cast_to, factor_grads
+from .projection import _cat_factors, _scaled, cast_to, factor_grads, wide_result
 
 # Bytes of a chunk's gate and up outputs; at 2 x 2048 tokens of an 8B Llama that is seven chunks of 2,048 rows.
 CHUNK_BYTES = 32 * 2**20
@@ -252,16 +252,11 @@ class _ChunkedRun:
         return self.dx, d_as + [d_a_down], self.d_bs + [d_b_down]
 
 
-def _wide_result(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Whether cuBLAS writes ``a @ b`` straight into ``out_dtype`` (float32 from 16-bit operands, on CUDA)."""
-    return a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
-
-
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out = a @ b`` in ``out``'s dtype (a LoRA grad's rows), one launch where the GEMM can write it."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
-    elif _wide_result(a, out.dtype):
+    elif wide_result(a, out.dtype):
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:
         out.copy_(a @ b)
@@ -269,7 +264,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc + a @ b`` in float32, accumulated in place (a new sum when ``acc`` is None)."""
-    if _wide_result(a, torch.float32):
+    if wide_result(a, torch.float32):
         if acc is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)

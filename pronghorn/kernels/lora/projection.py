@@ -143,9 +143,14 @@ def grad_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     one launch and one rounding fewer per factor per step."""
     if a.dtype == dtype:
         return a @ b
-    if dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+    if wide_result(a, dtype):
         return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
+
+
+def wide_result(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether cuBLAS writes ``a @ b`` straight into ``out_dtype`` (float32 from 16-bit operands, on CUDA)."""
+    return a.is_cuda and out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
 
 
 def _scaled(t, scale):
