@@ -58,6 +58,37 @@ def launch_costs(device: str, n: int = 2000) -> dict:
     return out
 
 
+def op_table(step_phases, batches) -> str:
+    """Host milliseconds per phase (synchronizing after each, so a phase's own kernels are not charged to the
+    next), then one step under torch.profiler: its operators by call count and by own host time, and how many
+    kernels it launched."""
+    times: dict = {}
+
+    def mark(name):
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - mark.t0
+        mark.t0 = now
+
+    for ids in batches:
+        torch.cuda.synchronize()
+        mark.t0 = time.perf_counter()
+        step_phases(ids, mark)
+    lines = ["host ms per phase: " + ", ".join(f"{k} {v / len(batches) * 1e3:.1f}" for k, v in times.items())]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step_phases(batches[0])
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                         "cudaLaunchKernelExC"))
+    lines.append(f"kernel launches in one step: {launches}")
+    for sort in ("count", "self_cpu_time_total"):
+        lines.append(f"\n--- one step's operators by {sort} ---")
+        lines.append(events.table(sort_by=sort, row_limit=70, max_name_column_width=60))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="pronghorn", choices=tt.CONFIGS)
@@ -68,6 +99,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--profiled-steps", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--ops", metavar="PATH",
+                   help="also write the host time of each phase (forward, backward, optimizer) and one step's "
+                        "operators under torch.profiler, by count and by own host time, to PATH")
     args = p.parse_args()
     shape = common.get_shape(args.shape)
     model_dir = Path(args.model_dir or f"/dev/shm/pronghorn-bench/{shape.name}")
@@ -82,12 +116,18 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     model.train()
 
-    def step(ids):
+    def step_phases(ids, mark=lambda name: None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids.cuda(non_blocking=True), labels=ids.cuda(non_blocking=True)).loss
+        mark("forward")
         loss.backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("optimizer")
+
+    def step(ids):
+        step_phases(ids)
 
     for i in range(5):
         step(batches[i])
@@ -97,6 +137,8 @@ def main() -> None:
         step(batches[i])
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) / args.steps * 1e3
+    if args.ops:
+        Path(args.ops).write_text(op_table(step_phases, batches[5:5 + args.steps]))
     prof = cProfile.Profile()
     prof.enable()
     for i in range(5 + args.steps, 5 + args.steps + args.profiled_steps):
