@@ -384,9 +384,9 @@ def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up, d
     activations = []  # passes that make h: the forward activation, or a backward activation asked for h
     real_gated_forward, real_gated_backward = mlp_module.gated_forward, mlp_module.gated_backward_
 
-    def counted_backward(*args, want_h=False):
-        activations.extend([1] if want_h else [])
-        return real_gated_backward(*args, want_h=want_h)
+    def counted_backward(*args, want_h=False, h_out=None):
+        activations.extend([1] if want_h or h_out is not None else [])
+        return real_gated_backward(*args, want_h=want_h, h_out=h_out)
 
     monkeypatch.setattr(mlp_module, "gated_forward", lambda *a: activations.append(1) or real_gated_forward(*a))
     monkeypatch.setattr(mlp_module, "gated_backward_", counted_backward)

@@ -6,7 +6,8 @@ a read and a write of each ``[N, I]`` output per pass. Below, ``g``/``u`` are th
 
 Saved for backward: ``x`` (only if a gate/up ``A`` trains), the base gate and up outputs (or Phi-3's
 single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) * u`` is NOT
-saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``.
+saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``,
+into the buffer of ``dh``, which that pass reads before it writes.
 A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
 ``h A^T``, which backward then makes from its own ``h``. Inside a CUDA graph capture it makes no ``g``/``u``
 either: backward computes them chunk by chunk, one chunk's activations at a time (:mod:`.mlp_chunked`), and a
@@ -116,8 +117,9 @@ class LoraMLPFunction(torch.autograd.Function):
         if need_in:
             dh = input_grad([down], [dy2], {}, dtype)
             low_dh = LowRank(t_down[0], a_down.t(), 1.0) if t_down else None
-            # g, u now hold dL/dg, dL/du; h comes out of the same pass (the forward did not keep it)
-            _, _, h = gated_backward_(dh, g, u, ctx.activation, low, low_dh, want_h=need_h)
+            # g, u now hold dL/dg, dL/du; h comes out of the same pass (the forward did not keep it), written
+            # over dh, which that pass reads first: one [N, I] tensor less at the MLP's peak
+            _, _, h = gated_backward_(dh, g, u, ctx.activation, low, low_dh, h_out=dh if need_h else None)
             del dh
         else:
             h = gated_forward(g, u, ctx.activation, low) if need_h else None
