@@ -15,7 +15,6 @@ than the differences these settings make. Settings (``--settings``, comma-separa
   bytes are still on their way (:data:`pronghorn.memory.stash.IN_FLIGHT`).
 * ``graphs`` / ``eager``: replay every checkpointed layer as a CUDA graph / none
   (:mod:`pronghorn.memory.layer_graphs`; by default only layers holding 4-bit weights, without eager attention).
-  ``fwdgraphs``: the first pass of every layer, and both passes of 4-bit layers (``"forward"`` mode).
   Peak memory adds the graphs' pool, which the allocator's peak does not count (replays allocate nothing).
   ``graphs-ceN``: graphs, and N token rows per cross-entropy chunk.
 * ``unchunked`` / ``chunked``: the MLP never / always (also run eagerly) runs in chunks of its intermediate
@@ -94,8 +93,6 @@ def apply_setting(name: str) -> None:
                 raise ValueError(f"unknown setting {part!r}: graphs or graphs-ceN")
         elif part == "eager":
             set_layer_graphs(False)
-        elif part == "fwdgraphs":
-            set_layer_graphs("forward")
         elif part.startswith("lead"):
             set_copy_lead(int(part[4:]))
         elif part.startswith("blas-"):
@@ -119,8 +116,8 @@ def apply_setting(name: str) -> None:
             mlp_chunked.FORWARD_CHUNK_BYTES = int(part[8:]) * 2**20
         elif part != "default":
             raise ValueError(f"unknown setting {part!r}: expected leadN, blas-cublas, blas-cublaslt, residual, "
-                             "stashN, stashA-B, stashauto, lateN, flightN, graphs, eager, fwdgraphs, graphs-ceN, "
-                             "unchunked, chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
+                             "stashN, stashA-B, stashauto, lateN, flightN, graphs, eager, graphs-ceN, unchunked, "
+                             "chunked, mlpchunkN, fwdchunkN, keepN or default (joined by +)")
     set_stashed_layers(*stashed, late_layers=late)
 
 

@@ -18,7 +18,6 @@
 #                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
 #                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable,
 #                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn)
-#                           +fwdgraphs       graphs of every layer's first pass, and of 4-bit layers (pronghorn)
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -103,7 +102,6 @@ for mode in "${MODE_LIST[@]}"; do
           pageable) per_run+=(--batches pageable) ;;
           graphs) per_run+=(--cuda-graphs on) ;;
           eager) per_run+=(--cuda-graphs off) ;;
-          fwdgraphs) per_run+=(--cuda-graphs forward) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done

@@ -64,10 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--stash-residual", type=int, choices=[0, 1], default=0,
                    help="pronghorn only, experimental: park each checkpointed layer's post-attention residual in "
                         "host memory so the backward recompute skips o_proj (1) or recompute it (0, the default)")
-    p.add_argument("--cuda-graphs", choices=["default", "on", "forward", "quantized", "off"], default="default",
-                   help="pronghorn only: replay checkpointed layers as CUDA graphs (on), only their first passes "
-                        "and 4-bit layers (forward), only 4-bit layers (quantized), none (off), or leave the "
-                        "library's default")
+    p.add_argument("--cuda-graphs", choices=["default", "on", "off"], default="default",
+                   help="pronghorn only: replay checkpointed layers as CUDA graphs (on), run them eagerly (off), "
+                        "or leave the library's default")
     p.add_argument("--batches", choices=["pinned", "pageable"], default="pinned",
                    help="host memory of the input batches: pinned, as a DataLoader with pin_memory=True (the "
                         "Trainer's default) gives them, so their non-blocking copy does not wait for the GPU; "
@@ -159,7 +158,7 @@ def load_pronghorn(args, shape, model_dir, seq_len):
     if args.cuda_graphs != "default":
         from pronghorn.memory.layer_graphs import set_layer_graphs
 
-        set_layer_graphs(args.cuda_graphs)
+        set_layer_graphs(args.cuda_graphs == "on")
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
 
 

@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 MAX_SHAPES = 4  # distinct layer-input shapes that get graphs; the rest of the shapes run eagerly
 CAPTURE_AT = 2  # the call (per signature) that captures; earlier calls run eagerly and warm everything up
 
-MODES = ("quantized", "forward", "on", "off")
+MODES = ("quantized", "on", "off")
 ENV = "PRONGHORN_CUDA_GRAPHS"
 _ENV_WORDS = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 
@@ -83,10 +83,8 @@ _config = {"mode": _mode(os.environ.get(ENV, "quantized"), ENV)}
 
 def set_layer_graphs(mode: str | bool) -> None:
     """Which checkpointed layers replay as CUDA graphs: ``"quantized"`` (the default) those holding a 4-bit
-    weight whose attention is not eager; ``"forward"`` those too, and the first (no-autograd) pass of every other
-    layer whose attention is not eager, whose recompute and backward stay eager; ``"on"`` (or True) all, both
-    passes; ``"off"`` (or False) none. ``PRONGHORN_CUDA_GRAPHS`` sets it at import. A change of mode drops the
-    graphs captured so far."""
+    weight whose attention is not eager, ``"on"`` (or True) all, ``"off"`` (or False) none.
+    ``PRONGHORN_CUDA_GRAPHS`` sets it at import. A change of mode drops the graphs captured so far."""
     mode = _mode(mode, "mode")
     if mode != _config["mode"]:
         reset()
@@ -177,24 +175,18 @@ def _layer_state(layer: nn.Module) -> tuple:
     return (layer.training, tuple(p.requires_grad for p in params), tuple(_state_key(m) for m in modules))
 
 
-def _graphed_by_default(layer: nn.Module | None, phase: str, mode: str = "quantized") -> bool:
-    """Whether ``mode`` (``"quantized"`` or ``"forward"``) graphs ``phase`` (``"forward"`` or ``"backward"``) of
-    ``layer``. Only layers whose attention does not materialize the score matrix: eager attention (Gemma 2's
-    softcapping without flash-attn) would keep its ``[batch, heads, seq, seq]`` scores and probabilities in the
-    graphs' pool, 3.2 GiB for Gemma-2-9B at 2 x 2048. Of those, layers holding a 4-bit weight are graphed in
-    both phases, and in ``"forward"`` mode every layer's forward."""
+def _graphed_by_default(layer: nn.Module | None) -> bool:
+    """Whether the ``"quantized"`` mode graphs ``layer``: it holds a 4-bit weight, and its attention does not
+    materialize the score matrix. Eager attention (Gemma 2's softcapping without flash-attn) would keep its
+    ``[batch, heads, seq, seq]`` scores and probabilities in the graphs' pool: 3.2 GiB for Gemma-2-9B at 2 x 2048."""
     if layer is None:
         return False
-    attention = getattr(layer, "self_attn", None)
-    config = getattr(attention, "config", None) or getattr(layer, "config", None)
-    if getattr(config, "_attn_implementation", None) == "eager":
-        return False
-    if mode == "forward" and phase == "forward":
-        return True
     held = layer.__dict__.get("_pronghorn_holds_4bit")
     if held is None:
         held = layer.__dict__["_pronghorn_holds_4bit"] = any(is_4bit(p) for p in layer.parameters())
-    return held
+    attention = getattr(layer, "self_attn", None)
+    config = getattr(attention, "config", None) or getattr(layer, "config", None)
+    return held and getattr(config, "_attn_implementation", None) != "eager"
 
 
 def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
@@ -361,13 +353,12 @@ def _autocast(device: torch.device, state: tuple):
 _EAGER = (None, None, None, None)
 
 
-def mode_allows(function, hidden: torch.Tensor, phase: str) -> bool:
-    """Whether the mode lets ``phase`` (``"forward"``: the first pass; ``"backward"``: recompute and backward) of
-    this call be graphed; asked first, so an ungraphed layer costs the host nothing more."""
+def mode_allows(function, hidden: torch.Tensor) -> bool:
+    """Whether the mode lets this call be graphed; asked first, so an ungraphed layer costs the host nothing more."""
     mode = _config["mode"]
     if mode == "off" or not hidden.is_cuda:
         return False
-    return mode == "on" or _graphed_by_default(_layer_of(function), phase, mode)
+    return mode == "on" or _graphed_by_default(_layer_of(function))
 
 
 def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
@@ -446,7 +437,7 @@ def _try_capture(key, body, device) -> torch.cuda.CUDAGraph | None:
 def run_forward(function: Callable, args: tuple, hidden_index: int):
     """``function(*args)`` (a checkpointed layer's forward, no autograd) replayed from its graph, or None: run
     it eagerly."""
-    if not mode_allows(function, args[hidden_index], "forward"):
+    if not mode_allows(function, args[hidden_index]):
         return None
     device = args[hidden_index].device
     autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
@@ -494,7 +485,7 @@ def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: 
     """Gradients of a checkpointed layer's inputs (one per entry of ``args``, None where none is needed) from
     its graphed recompute and backward, with its parameters' gradients added to their ``.grad``; or None: run
     it eagerly. ``args`` holds the restored layer input at ``hidden_index``; ``autocast`` is the forward's."""
-    if not mode_allows(function, args[hidden_index], "backward"):
+    if not mode_allows(function, args[hidden_index]):
         return None
     if any(n for i, n in enumerate(needs_grad) if i != hidden_index):
         return None  # other inputs needing gradients: rare, and not worth a graph

@@ -36,7 +36,6 @@ def graphs_on():
 
 def test_modes_and_their_spellings(monkeypatch):
     assert layer_graphs._mode("quantized", "x") == "quantized"
-    assert layer_graphs._mode(" Forward", "x") == "forward"
     for value, mode in ((True, "on"), (False, "off"), ("1", "on"), (" Off ", "off"), ("no", "off"), ("ON", "on")):
         assert layer_graphs._mode(value, "x") == mode
     with pytest.raises(ValueError, match="PRONGHORN_CUDA_GRAPHS='sometimes': .* one of"):
@@ -59,30 +58,21 @@ def test_by_default_layers_with_4bit_weights_and_no_eager_attention_are_graphed(
         out.self_attn.config = SimpleNamespace(_attn_implementation=attention)
         return out
 
-    dense = layer(nn.Linear(64, 64))
+    assert not layer_graphs._graphed_by_default(layer(nn.Linear(64, 64)))
     mixed = layer(nn.Linear(64, 64), bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu"))
-    for phase in ("forward", "backward"):
-        assert not layer_graphs._graphed_by_default(dense, phase)
-        assert layer_graphs._graphed_by_default(mixed, phase) is graphed
-        assert layer_graphs._graphed_by_default(mixed, phase, "forward") is graphed
-        assert not layer_graphs._graphed_by_default(None, phase)
-    # "forward" mode: every layer's first pass too, but not the backward of a layer without 4-bit weights
-    assert layer_graphs._graphed_by_default(dense, "forward", "forward") is graphed
-    assert not layer_graphs._graphed_by_default(dense, "backward", "forward")
+    assert layer_graphs._graphed_by_default(mixed) is graphed
+    assert not layer_graphs._graphed_by_default(None)
 
 
 def test_the_mode_is_asked_before_anything_else():
-    """Off, a CPU input, or (by default) a layer without 4-bit weights: no graph; "on": any CUDA call may be;
-    "forward": the first pass of a layer without 4-bit weights, not its backward."""
+    """Off, a CPU input, or (by default) a layer without 4-bit weights: no graph; "on": any CUDA call may be."""
     from types import SimpleNamespace
 
     call, on_gpu = functools.partial(nn.Linear(4, 4).__call__), SimpleNamespace(is_cuda=True)
-    for mode, hidden, allowed in (("off", on_gpu, (False, False)), ("on", torch.zeros(1), (False, False)),
-                                  ("on", on_gpu, (True, True)), ("quantized", on_gpu, (False, False)),
-                                  ("forward", on_gpu, (True, False)), ("forward", torch.zeros(1), (False, False))):
+    for mode, hidden, allowed in (("off", on_gpu, False), ("on", torch.zeros(1), False), ("on", on_gpu, True),
+                                  ("quantized", on_gpu, False)):
         layer_graphs.set_layer_graphs(mode)
-        assert (layer_graphs.mode_allows(call, hidden, "forward"), layer_graphs.mode_allows(call, hidden, "backward")) \
-            == allowed, mode
+        assert layer_graphs.mode_allows(call, hidden) is allowed
 
 
 def test_cpu_calls_run_eagerly(graphs_on):
@@ -217,11 +207,11 @@ def _loss_and_grads(model, ids, micro_batches=2):
     return loss.item(), grads
 
 
-def _graphed_then_eager(model, batches, check, mode="on"):
-    """Train on ``batches`` (AdamW, two micro-batches per step) with graphs in ``mode``, then take the gradients
-    of the ``check`` batch twice at the same weights: replayed from the graphs, and eagerly. Returns both and the
+def _graphed_then_eager(model, batches, check):
+    """Train on ``batches`` (AdamW, two micro-batches per step) with graphs on, then take the gradients of the
+    ``check`` batch twice at the same weights: replayed from the graphs, and eagerly. Returns both and the
     number of graphs."""
-    layer_graphs.set_layer_graphs(mode)
+    layer_graphs.set_layer_graphs(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for ids in batches:
         _loss_and_grads(model, ids)  # leaves the gradients in .grad for the optimizer
@@ -256,22 +246,6 @@ def test_graphed_layers_give_the_gradients_of_eager_layers_after_weight_updates(
     model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
     graphed, eager, captured = _graphed_then_eager(model, [_ids(64, s) for s in range(3)], _ids(64, 9))
     assert captured == 6  # forward and backward of each of the 3 layers
-    _assert_same(graphed, eager)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_graphed_first_passes_give_the_gradients_of_eager_layers(family, tmp_path):
-    """``"forward"`` mode replays only the first pass of a bf16 layer; its recompute and backward run eagerly."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from tests.factories import save_tiny
-
-    model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
-    if model.config._attn_implementation == "eager":
-        pytest.skip("eager attention is never graphed")
-    graphed, eager, captured = _graphed_then_eager(model, [_ids(64, s) for s in range(3)], _ids(64, 9), "forward")
-    assert captured == 3  # the forward of each layer
     _assert_same(graphed, eager)
 
 
@@ -311,17 +285,15 @@ def test_graphed_qlora_layers_give_the_gradients_of_eager_layers(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family,quantized,mode,graphs", [
-    ("llama", False, "quantized", 0), ("llama", True, "quantized", 4), ("gemma2", True, "quantized", 0),
-    ("llama", False, "forward", 2), ("llama", True, "forward", 4)])
-def test_which_layers_and_passes_each_mode_graphs(family, quantized, mode, graphs, tmp_path):
+@pytest.mark.parametrize("family,quantized,graphs", [("llama", False, 0), ("llama", True, 4), ("gemma2", True, 0)])
+def test_by_default_only_4bit_layers_without_eager_attention_are_graphed(family, quantized, graphs, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     if quantized:
         pytest.importorskip("bitsandbytes")
     from tests.factories import save_tiny
 
-    layer_graphs.set_layer_graphs(mode)
+    layer_graphs.set_layer_graphs("quantized")
     layer_graphs.reset()
     model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=2), quantized=quantized)
     if family == "gemma2" and model.config._attn_implementation != "eager":
