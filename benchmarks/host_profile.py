@@ -9,6 +9,9 @@ small Triton kernel against one small PyTorch op.
 
     python benchmarks/host_profile.py --config pronghorn --mode qlora --out $OUT/host-qlora.txt \
         --model-dir /dev/shm/pronghorn-bench/llama-3.1-8b
+
+``--ops PATH`` also writes the host time of each phase and one step's operators and kernel launches under
+torch.profiler (how many of each, and their own host time).
 """
 from __future__ import annotations
 

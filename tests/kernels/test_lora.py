@@ -378,7 +378,7 @@ def test_under_activation_checkpointing(reentrant):
 @pytest.mark.parametrize("fused_gate_up", [False, True])
 def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up, down_a_trains, monkeypatch):
     """The backward-recompute mode returns zeros (no down GEMM, no gated activation: backward makes h once, for
-    down's A and B grads) yet gives the normal path's gradients."""
+    down's A and B grads, over dh's buffer) yet gives the normal path's gradients."""
     import pronghorn.kernels.lora.mlp as mlp_module
 
     activations = []  # passes that make h: the forward activation, or a backward activation asked for h
@@ -386,6 +386,7 @@ def test_output_unused_skips_the_output_and_keeps_the_gradients(fused_gate_up, d
 
     def counted_backward(*args, want_h=False, h_out=None):
         activations.extend([1] if want_h or h_out is not None else [])
+        assert not want_h and h_out in (None, args[0]), "the backward writes h over dh, never into a new tensor"
         return real_gated_backward(*args, want_h=want_h, h_out=h_out)
 
     monkeypatch.setattr(mlp_module, "gated_forward", lambda *a: activations.append(1) or real_gated_forward(*a))
