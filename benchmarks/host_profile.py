@@ -61,7 +61,7 @@ def launch_costs(device: str, n: int = 2000) -> dict:
     return out
 
 
-def op_table(step_phases, batches) -> str:
+def op_table(step, batches) -> str:
     """Host milliseconds per phase (synchronizing after each, so a phase's own kernels are not charged to the
     next), then one step under torch.profiler: its operators by call count and by own host time, and how many
     kernels it launched."""
@@ -76,11 +76,11 @@ def op_table(step_phases, batches) -> str:
     for ids in batches:
         torch.cuda.synchronize()
         mark.t0 = time.perf_counter()
-        step_phases(ids, mark)
+        step(ids, mark)
     lines = ["host ms per phase: " + ", ".join(f"{k} {v / len(batches) * 1e3:.1f}" for k, v in times.items())]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step_phases(batches[0])
+        step(batches[0])
         torch.cuda.synchronize()
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -119,7 +119,7 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     model.train()
 
-    def step_phases(ids, mark=lambda name: None):
+    def step(ids, mark=lambda name: None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids.cuda(non_blocking=True), labels=ids.cuda(non_blocking=True)).loss
         mark("forward")
@@ -128,9 +128,6 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         mark("optimizer")
-
-    def step(ids):
-        step_phases(ids)
 
     for i in range(5):
         step(batches[i])
@@ -141,7 +138,7 @@ def main() -> None:
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) / args.steps * 1e3
     if args.ops:
-        Path(args.ops).write_text(op_table(step_phases, batches[5:5 + args.steps]))
+        Path(args.ops).write_text(op_table(step, batches[5:5 + args.steps]))
     prof = cProfile.Profile()
     prof.enable()
     for i in range(5 + args.steps, 5 + args.steps + args.profiled_steps):
