@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from stall_sampler import StallSampler  # noqa: E402
 
 CONFIGS = ["hf_peft", "hf_peft_kbit", "liger", "unsloth", "pronghorn"]
 HF_CONFIGS = ("hf_peft", "hf_peft_kbit", "liger")
@@ -73,6 +74,9 @@ def parse_args(argv=None):
                         "pageable makes every step's input copy wait for the previous step to finish")
     p.add_argument("--profile", metavar="PATH",
                    help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
+    p.add_argument("--stall-trace", metavar="PATH",
+                   help="sample the host's Python stack during the timed steps and write, for each slow step, "
+                        "where the host was (benchmarks/stall_sampler.py) to PATH as JSON")
     p.add_argument("--find-syncs", action="store_true",
                    help="after timing, run one more step with CUDA's sync debug mode and record where the host "
                         "waited for the GPU (host_syncs in the JSON)")
@@ -252,7 +256,7 @@ def make_step(model, opt, device: str, autocast: bool = True, mark=None):
 
 
 def train(model, batches, warmup: int, steps: int, lr: float, device: str, autocast: bool, on_warmed=None,
-          profile_path=None, find_syncs: bool = False) -> dict:
+          profile_path=None, find_syncs: bool = False, stall_trace=None) -> dict:
     """Plain loop: forward with labels (loss from the model), backward, AdamW on trainable params, zero_grad.
 
     Warm-up steps run first and are not timed; peak memory is reset after them, so ``peak_gib`` is the
@@ -284,9 +288,16 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
     stash = sys.modules.get("pronghorn.memory.stash")  # pronghorn's stash: how many layer calls it covered
     if stash is not None:
         stash.STATS.clear()
+    sampler = StallSampler() if stall_trace else None
+    if sampler:
+        sampler.start()
     for i in range(warmup, warmup + steps):
         t_issue = time.perf_counter()
+        if sampler:
+            sampler.begin_step()
         losses.append(step(batches[i]))
+        if sampler:
+            sampler.end_step()
         issue_s += time.perf_counter() - t_issue
         timer.mark()
         now = _allocator_counters(device_type)
@@ -294,6 +305,9 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         counters = now
     _sync(device)
     elapsed = time.perf_counter() - t0
+    if sampler:
+        sampler.stop()
+        common.write_json(stall_trace, sampler.report(timer.step_seconds()))
     gc_pauses = gc_pauses()
     stash_calls = {name: dict(counts) for name, counts in stash.STATS.items()} if stash is not None else None
     peaks = {}
@@ -372,7 +386,7 @@ def run(args) -> dict:
             common.write_json(args.out, record)
 
         result = train(model, batches, args.warmup, args.steps, args.lr, args.device, args.autocast, on_warmed,
-                       profile_path=args.profile, find_syncs=args.find_syncs)
+                       profile_path=args.profile, find_syncs=args.find_syncs, stall_trace=args.stall_trace)
         record.update(result)
         record["ms_per_step"] = 1e3 * result["timed_s"] / args.steps
         record["tokens_per_s"] = batch_size * seq_len * args.steps / result["timed_s"]
