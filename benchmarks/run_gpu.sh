@@ -26,6 +26,8 @@
 #   --commit SHA            git commit to record (the device copy has no .git)
 #   --profile               after timing, profile each configuration (kernel table, host profile, device
 #                           timeline) into <config>-<mode>.prof*.txt|json next to its results
+#   --stall-trace           sample the host's stack during the timed steps; slow steps and where the host was go
+#                           to <config>-<mode>.stall.json next to the results (benchmarks/stall_sampler.py)
 #   --find-syncs            after timing, record where each configuration's step made the host wait for the GPU
 #   --model-root DIR        where checkpoints live [/dev/shm/pronghorn-bench]
 #   --out DIR               results folder [$OUT, else /tmp/pronghorn-bench-out]
@@ -33,7 +35,7 @@ set -uo pipefail
 
 SHAPE=""; MODES="bf16,qlora"; CONFIGS="hf_peft,unsloth,pronghorn,liger"; GCS="unsloth"
 TIMEOUT=150; BUDGET=570; COMMIT=""; MODEL_ROOT=/dev/shm/pronghorn-bench; OUTDIR="${OUT:-/tmp/pronghorn-bench-out}"
-EXTRA=(); PROFILE=0
+EXTRA=(); PROFILE=0; STALL=0
 while [ $# -gt 0 ]; do
   case $1 in
     --shape) SHAPE=$2; shift 2 ;;
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift 2 ;;
     --commit) COMMIT=$2; shift 2 ;;
     --profile) PROFILE=1; shift ;;
+    --stall-trace) STALL=1; shift ;;
     --find-syncs) EXTRA+=("$1"); shift ;;
     --model-root) MODEL_ROOT=$2; shift 2 ;;
     --out) OUTDIR=$2; shift 2 ;;
@@ -106,6 +109,7 @@ for mode in "${MODE_LIST[@]}"; do
         esac
       done
       if [ "$PROFILE" = 1 ]; then per_run+=(--profile "$RES/$name.prof.txt"); fi
+      if [ "$STALL" = 1 ]; then per_run+=(--stall-trace "$RES/$name.stall.json"); fi
       left=$(( BUDGET - $(elapsed) - 15 ))
       limit=$(( TIMEOUT < left ? TIMEOUT : left ))
       if [ "$limit" -lt 30 ]; then log "skipping $name: only ${left}s of the budget left"; continue; fi
