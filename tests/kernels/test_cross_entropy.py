@@ -169,6 +169,30 @@ def test_cuda_label_check_waits_only_in_the_first_calls_then_raises_at_the_next_
     fused_linear_cross_entropy(hidden, weight, labels)  # reported once, then forgotten
 
 
+@pytest.mark.gpu
+def test_cuda_label_check_pins_no_host_memory_after_its_synchronous_calls(monkeypatch):
+    """The queued checks reuse pinned result buffers made during the synchronous calls: page-locking a new block
+    mid-run stalled the host for tens of milliseconds."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip("needs CUDA and torch.cuda.host_memory_stats")
+    from pronghorn.kernels.cross_entropy import label_check
+
+    monkeypatch.setattr(label_check, "check_label_range", label_check.LabelRangeCheck())
+    monkeypatch.setattr("pronghorn.kernels.cross_entropy.function.check_label_range",
+                        label_check.check_label_range)
+    hidden, weight, _, labels = _inputs(4, 8, 131, torch.float32)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
+    for _ in range(label_check.SYNC_CHECKS):
+        fused_linear_cross_entropy(hidden, weight, labels)
+    before = torch.cuda.host_memory_stats().get("num_host_alloc", 0)
+    for i in range(20):
+        fused_linear_cross_entropy(hidden, weight, labels)
+        if i % 2:
+            torch.cuda.synchronize()  # some checks finish before the next call, some do not
+    assert torch.cuda.host_memory_stats().get("num_host_alloc", 0) == before
+    assert len(label_check.check_label_range._pending) <= label_check.PINNED_RESULTS
+
+
 def test_second_backward_is_an_error():
     hidden, weight, _, labels = _inputs(4, 8, 131, torch.float32)
     loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels)

@@ -7,24 +7,34 @@ every step. So the first :data:`SYNC_CHECKS` calls (where a tokenizer/LM-head mi
 and later calls only queue the check: its result travels to pinned host memory behind the step and is read by
 the next call, which raises then, naming the batch it came from (the step that had the bad label has trained
 with those positions ignored).
+
+The pinned buffers those results land in are made during the synchronous calls and reused after: page-locking
+a new host block mid-run held the host for 50-180 ms on an H100 machine, in the first steps that queued a
+check (benchmarks/results/2026-11-23-label-check-stall.md).
 """
 from __future__ import annotations
 
 import torch
 
 SYNC_CHECKS = 8
+# Queued checks in flight at once: the host runs at most about a step ahead of the GPU, so one or two are
+# unfinished when the next call comes; a call that finds none free makes one more.
+PINNED_RESULTS = 3
 
 
 class LabelRangeCheck:
     def __init__(self):
         self.calls = 0
         self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event, int, int]] = []
+        self._free: list[torch.Tensor] = []  # pinned [2] result buffers whose check has been read
 
     def __call__(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         self.raise_finished()
         self.calls += 1
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if not labels.is_cuda or self.calls <= SYNC_CHECKS:
+            if labels.is_cuda and not self._free:
+                self._free = [torch.empty(2, dtype=labels.dtype, pin_memory=True) for _ in range(PINNED_RESULTS)]
             if bool(bad.any()):
                 _raise(int(labels[bad][0].item()), vocab, ignore_index, "")
             return
@@ -32,7 +42,7 @@ class LabelRangeCheck:
         first = bad.reshape(-1).to(torch.uint8).argmax().reshape(1)
         first_bad = labels.reshape(-1).index_select(0, first).reshape(())  # any label if none is bad
         found = torch.stack([bad.any().to(labels.dtype), first_bad])
-        host = torch.empty(2, dtype=labels.dtype, pin_memory=True)
+        host = self._pinned(labels.dtype)
         host.copy_(found, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -42,8 +52,16 @@ class LabelRangeCheck:
         """Raise for a queued check that has finished and found a bad label; forget the finished ones."""
         while self._pending and self._pending[0][2].query():
             call, host, _, vocab, ignore_index = self._pending.pop(0)
-            if host[0]:
-                _raise(int(host[1]), vocab, ignore_index, f" (in the labels of loss call {call}, checked after it ran)")
+            bad, label = bool(host[0]), int(host[1])
+            self._free.append(host)
+            if bad:
+                _raise(label, vocab, ignore_index, f" (in the labels of loss call {call}, checked after it ran)")
+
+    def _pinned(self, dtype: torch.dtype) -> torch.Tensor:
+        for i, buf in enumerate(self._free):
+            if buf.dtype == dtype:
+                return self._free.pop(i)
+        return torch.empty(2, dtype=dtype, pin_memory=True)
 
 
 def _raise(label: int, vocab: int, ignore_index: int, where: str) -> None:
