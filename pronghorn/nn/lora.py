@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pronghorn.kernels.lora import LoraParts, lora_linear, lora_mlp, lora_qkv, lora_qkv_fused
-from pronghorn.kernels.lora.cast_cache import begin_step, end_steps
+from pronghorn.kernels.lora.cast_cache import begin_step, current_step, end_steps
+from pronghorn.memory.recompute import in_backward_recompute
 
 __all__ = ["LoraParts", "activation_of", "begin_step", "end_steps", "fused_linear_forward", "fused_mlp_forward",
            "fused_o_forward", "fused_qkv_forward", "lora_parts"]
@@ -73,7 +74,9 @@ def lora_parts(module: nn.Module) -> Optional[LoraParts]:
     """What the fused kernels need from ``module``, or None when its own forward must be called.
 
     The answer is cached on the module and recomputed when anything it depends on changes (adapters
-    enabled/disabled, merged, switched, added or removed; weights replaced, quantized or unfrozen).
+    enabled/disabled, merged, switched, added or removed; weights replaced, quantized or unfrozen). A layer
+    recomputed inside backward takes the answer its forward checked in the same step without checking again:
+    the recompute must run exactly what that forward ran, so the module cannot have changed in between.
 
     Args:
         module: a PEFT ``lora.Linear`` (over ``nn.Linear`` or bitsandbytes ``Linear4bit``), a plain
@@ -84,12 +87,16 @@ def lora_parts(module: nn.Module) -> Optional[LoraParts]:
     ``fan_in_fan_out``, a trainable base weight/bias, int8 (``Linear8bitLt``) bases, and any other layer type.
     A frozen base bias is supported (added in forward, no gradient).
     """
-    key = _state_key(module)
     cached = module.__dict__.get("_pronghorn_lora_parts")
-    if cached is not None and cached[0] == key:
+    step = current_step()
+    if cached is not None and step and cached[2] == step and in_backward_recompute():
         return cached[1]
-    parts = _compute_parts(module)
-    module.__dict__["_pronghorn_lora_parts"] = (key, parts)
+    key = _state_key(module)
+    if cached is not None and cached[0] == key:
+        parts = cached[1]
+    else:
+        parts = _compute_parts(module)
+    module.__dict__["_pronghorn_lora_parts"] = (key, parts, step)
     return parts
 
 

@@ -210,6 +210,36 @@ def test_lora_parts_declines_what_it_cannot_fuse():
     assert lora_parts(trainable).A is None
 
 
+def test_lora_parts_recompute_reuses_the_forward_check_of_the_same_step_only(monkeypatch):
+    """A backward recompute takes what its step's forward checked, without reading the module again; a new step, or
+    a call outside a recompute, checks the module's state again."""
+    import pronghorn.nn.lora as nn_lora
+    from pronghorn.kernels.lora import cast_cache
+    from pronghorn.memory.recompute import backward_recompute
+
+    q = _peft(tiny_model("llama")).base_model.model.model.layers[0].self_attn.q_proj
+    checks = []
+    real_key = nn_lora._state_key
+    monkeypatch.setattr(nn_lora, "_state_key", lambda m: checks.append(m) or real_key(m))
+    try:
+        cast_cache.begin_step()
+        forward = lora_parts(q)
+        with backward_recompute():
+            assert lora_parts(q) is forward
+        assert len(checks) == 1  # the recompute did not check again
+        cast_cache.begin_step()
+        q.scaling["default"] = 5.0  # changed before the next step's forward
+        with backward_recompute():
+            assert lora_parts(q).scale == 5.0  # no forward checked in this step: the recompute checks itself
+        assert len(checks) == 2
+        q.scaling["default"] = 6.0
+        assert lora_parts(q).scale == 6.0  # outside a recompute every call checks
+    finally:
+        cast_cache.end_steps()
+    with backward_recompute():
+        assert lora_parts(q).scale == 6.0 and len(checks) == 4  # no step open: checks
+
+
 def test_fallback_defaults_to_class_forward_when_bound_on_instance():
     """The wiring may bind fused_mlp_forward as the instance's forward; the fallback must not recurse."""
     import types
