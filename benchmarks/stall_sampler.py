@@ -7,6 +7,10 @@ For a slow step, the frames the sampler saw most often in its host window say wh
 and a hole in the samples (the sampler itself could not run for a while) says the main thread held the
 interpreter inside one C call, with the frames on either side of the hole naming that call.
 
+The sampler costs the step something: each sample takes the interpreter lock from whichever thread holds it
+(in backward, autograd's device thread running the Python backward functions). A step whose host is the
+bottleneck runs slower with it on, so take throughput figures from runs without it.
+
     sampler = StallSampler(); sampler.start()
     for batch in batches:
         sampler.begin_step(); step(batch); sampler.end_step()
@@ -37,7 +41,7 @@ def _frames(frame, depth: int) -> tuple[str, ...]:
 class StallSampler:
     """Samples the calling thread's stack from a daemon thread; see the module docstring."""
 
-    def __init__(self, interval: float = 0.002, depth: int = 5, hole: float = 0.010):
+    def __init__(self, interval: float = 0.005, depth: int = 5, hole: float = 0.015):
         self.interval, self.depth, self.hole = interval, depth, hole
         self.target = threading.get_ident()
         self.samples: list[tuple[float, tuple[str, ...]]] = []

@@ -8,9 +8,10 @@ and later calls only queue the check: its result travels to pinned host memory b
 the next call, which raises then, naming the batch it came from (the step that had the bad label has trained
 with those positions ignored).
 
-The pinned buffers those results land in are made during the synchronous calls and reused after: page-locking
-a new host block mid-run held the host for 50-180 ms on an H100 machine, in the first steps that queued a
-check (benchmarks/results/2026-11-23-label-check-stall.md).
+The synchronous calls run the same kernels and the same copy into pinned buffers as the queued ones, and the
+queued ones reuse those buffers: page-locking a new host block, and loading a kernel at its first launch, in
+the first steps that queued a check held up an H100 machine's step by 30-180 ms
+(benchmarks/results/2026-11-23-label-check-stall.md).
 """
 from __future__ import annotations
 
@@ -25,43 +26,56 @@ PINNED_RESULTS = 3
 class LabelRangeCheck:
     def __init__(self):
         self.calls = 0
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event, int, int]] = []
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event, int, int, bool]] = []
         self._free: list[torch.Tensor] = []  # pinned [2] result buffers whose check has been read
 
     def __call__(self, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         self.raise_finished()
         self.calls += 1
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if not labels.is_cuda or self.calls <= SYNC_CHECKS:
-            if labels.is_cuda and not self._free:
-                self._free = [torch.empty(2, dtype=labels.dtype, pin_memory=True) for _ in range(PINNED_RESULTS)]
-            if bool(bad.any()):
-                _raise(int(labels[bad][0].item()), vocab, ignore_index, "")
+        found = _first_bad(labels, vocab, ignore_index)
+        if not labels.is_cuda:
+            bad, label = found.tolist()
+            if bad:
+                _raise(label, vocab, ignore_index, "")
             return
-        # index_select, not [tensor]: indexing with a 0-d tensor reads the index back to the host.
-        first = bad.reshape(-1).to(torch.uint8).argmax().reshape(1)
-        first_bad = labels.reshape(-1).index_select(0, first).reshape(())  # any label if none is bad
-        found = torch.stack([bad.any().to(labels.dtype), first_bad])
+        if not self._free:
+            self._free = [torch.empty(2, dtype=labels.dtype, pin_memory=True) for _ in range(PINNED_RESULTS)]
+        # The synchronous calls run the same kernels and copy as the queued ones, so the first queued call
+        # loads no kernel (a lazily loaded kernel's first launch stalled the host too) and pins nothing.
         host = self._pinned(labels.dtype)
         host.copy_(found, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        self._pending.append((self.calls, host, done, vocab, ignore_index))
+        queued = self.calls > SYNC_CHECKS
+        self._pending.append((self.calls, host, done, vocab, ignore_index, queued))
+        if not queued:
+            done.synchronize()
+            self.raise_finished()
 
     def raise_finished(self) -> None:
-        """Raise for a queued check that has finished and found a bad label; forget the finished ones."""
+        """Raise for a check that has finished and found a bad label; forget the finished ones."""
         while self._pending and self._pending[0][2].query():
-            call, host, _, vocab, ignore_index = self._pending.pop(0)
+            call, host, _, vocab, ignore_index, queued = self._pending.pop(0)
             bad, label = bool(host[0]), int(host[1])
             self._free.append(host)
             if bad:
-                _raise(label, vocab, ignore_index, f" (in the labels of loss call {call}, checked after it ran)")
+                _raise(label, vocab, ignore_index,
+                       f" (in the labels of loss call {call}, checked after it ran)" if queued else "")
 
     def _pinned(self, dtype: torch.dtype) -> torch.Tensor:
         for i, buf in enumerate(self._free):
             if buf.dtype == dtype:
                 return self._free.pop(i)
         return torch.empty(2, dtype=dtype, pin_memory=True)
+
+
+def _first_bad(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """``[any label bad, the first bad label (any label if none is)]``, computed without reading anything back
+    (index_select, not ``[tensor]``: indexing with a 0-d tensor reads the index back to the host)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    first = bad.reshape(-1).to(torch.uint8).argmax().reshape(1)
+    first_bad = labels.reshape(-1).index_select(0, first).reshape(())
+    return torch.stack([bad.any().to(labels.dtype), first_bad])
 
 
 def _raise(label: int, vocab: int, ignore_index: int, where: str) -> None:
