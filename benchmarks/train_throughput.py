@@ -75,8 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", metavar="PATH",
                    help="after timing, run 2 more steps under torch.profiler and write the kernel table here")
     p.add_argument("--stall-trace", metavar="PATH",
-                   help="sample the host's Python stack during the timed steps (slows a host-bound step: diagnosis only) and write, for each slow step, "
-                        "where the host was (benchmarks/stall_sampler.py) to PATH as JSON")
+                   help="sample the host's Python stack during the timed steps and write, for each slow step, where "
+                        "the host was (benchmarks/stall_sampler.py) to PATH as JSON; it slows a host-bound step, "
+                        "so use it to diagnose, not for throughput")
     p.add_argument("--find-syncs", action="store_true",
                    help="after timing, run one more step with CUDA's sync debug mode and record where the host "
                         "waited for the GPU (host_syncs in the JSON)")

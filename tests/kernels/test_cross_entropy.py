@@ -144,53 +144,56 @@ def test_out_of_range_label_is_an_error():
         fused_linear_cross_entropy(hidden, weight, labels)
 
 
-@pytest.mark.gpu
-def test_cuda_label_check_waits_only_in_the_first_calls_then_raises_at_the_next_call(monkeypatch):
-    """After the first SYNC_CHECKS calls the range check is queued behind the step (no host sync) and the next
-    call raises for it, naming the call whose labels were bad."""
+@pytest.fixture
+def synced_label_check(monkeypatch):
+    """A fresh label check whose synchronous calls are all done, and CUDA inputs: ``(check, hidden, weight,
+    labels)``."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from pronghorn.kernels.cross_entropy import label_check
 
-    monkeypatch.setattr(label_check, "check_label_range", label_check.LabelRangeCheck())
-    monkeypatch.setattr("pronghorn.kernels.cross_entropy.function.check_label_range",
-                        label_check.check_label_range)
+    check = label_check.LabelRangeCheck()
+    monkeypatch.setattr(label_check, "check_label_range", check)
+    monkeypatch.setattr("pronghorn.kernels.cross_entropy.function.check_label_range", check)
     hidden, weight, _, labels = _inputs(4, 8, 131, torch.float32)
     hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
     for _ in range(label_check.SYNC_CHECKS):
         fused_linear_cross_entropy(hidden, weight, labels)
+    return check, hidden, weight, labels
+
+
+@pytest.mark.gpu
+def test_cuda_label_check_waits_only_in_the_first_calls_then_raises_at_the_next_call(synced_label_check):
+    """After the first SYNC_CHECKS calls the range check is queued behind the step (no host sync) and the next
+    call raises for it, naming the call whose labels were bad."""
+    from pronghorn.kernels.cross_entropy.label_check import SYNC_CHECKS
+
+    _, hidden, weight, labels = synced_label_check
     bad = labels.clone()
     bad[1] = 200
     fused_linear_cross_entropy(hidden, weight, bad)  # queued: no exception yet
     torch.cuda.synchronize()
-    call = label_check.SYNC_CHECKS + 1
-    with pytest.raises(IndexError, match=f"label 200 is outside .*loss call {call}"):
+    with pytest.raises(IndexError, match=f"label 200 is outside .*loss call {SYNC_CHECKS + 1}"):
         fused_linear_cross_entropy(hidden, weight, labels)
     fused_linear_cross_entropy(hidden, weight, labels)  # reported once, then forgotten
 
 
 @pytest.mark.gpu
-def test_cuda_label_check_pins_no_host_memory_after_its_synchronous_calls(monkeypatch):
+def test_cuda_label_check_pins_no_host_memory_after_its_synchronous_calls(synced_label_check):
     """The queued checks reuse pinned result buffers made during the synchronous calls: page-locking a new block
     mid-run stalled the host for tens of milliseconds."""
-    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
-        pytest.skip("needs CUDA and torch.cuda.host_memory_stats")
-    from pronghorn.kernels.cross_entropy import label_check
+    from pronghorn.kernels.cross_entropy.label_check import PINNED_RESULTS
 
-    monkeypatch.setattr(label_check, "check_label_range", label_check.LabelRangeCheck())
-    monkeypatch.setattr("pronghorn.kernels.cross_entropy.function.check_label_range",
-                        label_check.check_label_range)
-    hidden, weight, _, labels = _inputs(4, 8, 131, torch.float32)
-    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
-    for _ in range(label_check.SYNC_CHECKS):
-        fused_linear_cross_entropy(hidden, weight, labels)
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip("needs torch.cuda.host_memory_stats")
+    check, hidden, weight, labels = synced_label_check
     before = torch.cuda.host_memory_stats().get("num_host_alloc", 0)
     for i in range(20):
         fused_linear_cross_entropy(hidden, weight, labels)
         if i % 2:
             torch.cuda.synchronize()  # some checks finish before the next call, some do not
     assert torch.cuda.host_memory_stats().get("num_host_alloc", 0) == before
-    assert len(label_check.check_label_range._pending) <= label_check.PINNED_RESULTS
+    assert len(check._pending) <= PINNED_RESULTS
 
 
 def test_second_backward_is_an_error():
