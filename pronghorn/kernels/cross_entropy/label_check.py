@@ -38,7 +38,7 @@ class LabelRangeCheck:
             if bad:
                 _raise(label, vocab, ignore_index, "")
             return
-        if not self._free:
+        if not self._free and not self._pending:  # the first call
             self._free = [torch.empty(2, dtype=labels.dtype, pin_memory=True) for _ in range(PINNED_RESULTS)]
         # The synchronous calls run the same kernels and copy as the queued ones, so the first queued call
         # loads no kernel (a lazily loaded kernel's first launch stalled the host too) and pins nothing.
