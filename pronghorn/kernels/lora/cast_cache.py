@@ -31,31 +31,29 @@ _entries: dict | None = None  # cache key -> (cast tensor, record key)
 _recorded: dict = {}
 _used: set = set()
 _steps_begun = 0  # never reset, so a step number is never reused
-_step = 0  # the open step's number, 0 while none is open
 
 
 def current_step() -> int:
     """Which step is open (a number that changes at every :func:`begin_step`), 0 when none is."""
-    return _step
+    return _steps_begun if _entries is not None else 0
 
 
 def begin_step() -> None:
     """Start a new step: recast every factor the last step used (the weights may have changed since)."""
-    global _entries, _step, _steps_begun
+    global _entries, _steps_begun
     if not torch.is_grad_enabled():
-        _entries, _step = None, 0
+        _entries = None
         return
     _entries = {}
     _steps_begun += 1
-    _step = _steps_begun
     _refresh_recorded()
 
 
 def end_steps() -> None:
     """Stop caching until the next :func:`begin_step` and forget the recorded casts (used when a model is
     unpatched or switched to inference)."""
-    global _entries, _step
-    _entries, _step = None, 0
+    global _entries
+    _entries = None
     _recorded.clear()
     _used.clear()
 
