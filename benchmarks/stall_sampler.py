@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import itertools
 import statistics
 import sys
 import threading
@@ -85,7 +86,7 @@ class StallSampler:
         inside = [(t, s) for t, s in self.samples if lo <= t <= hi]
         leaves = collections.Counter(s[:2] for _, s in inside)
         holes = []
-        for (t0, s0), (t1, s1) in zip(inside, inside[1:]):
+        for (t0, s0), (t1, s1) in itertools.pairwise(inside):
             if t1 - t0 > self.hole:
                 holes.append({"ms": round((t1 - t0) * 1e3, 1), "at_ms": round((t0 - lo) * 1e3, 1),
                               "before": list(s0), "after": list(s1)})
