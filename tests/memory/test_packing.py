@@ -137,3 +137,35 @@ def test_sdpa_backend_policy_takes_cudnn_only_where_its_plans_pay(monkeypatch):
     assert not attention._prefers_cudnn(other)
     # Off CUDA the policy leaves sdpa's own choice alone.
     assert isinstance(attention.sdpa_backend_policy(torch.empty(1, 1, 4, 8)), contextlib.nullcontext)
+
+
+@pytest.mark.gpu
+def test_a_call_captured_into_a_cuda_graph_takes_cudnn_at_its_first_call(monkeypatch):
+    """Every replay runs what the capture picked, so a captured shape is one that keeps coming back."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from pronghorn.nn import attention
+
+    monkeypatch.setattr(attention, "_SHAPE_CALLS", {})
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def run():
+        with attention.sdpa_backend_policy(q):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    expected = run()  # an eager first call of this shape: not cuDNN yet
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up on the capture stream, as torch.cuda.graph's docs ask
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("cudnn" in name for name in kernels), kernels
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
