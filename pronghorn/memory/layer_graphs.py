@@ -52,6 +52,7 @@ from pronghorn.kernels.dequant.weights import is_4bit
 from pronghorn.kernels.lora import cast_cache
 from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash
+from pronghorn.nn.attention import graph_capture_calls
 from pronghorn.nn.positions import holds_one_sequence_per_row, one_sequence_positions
 
 __all__ = [
@@ -327,7 +328,7 @@ def _capture(body: Callable[[bool], None], device: torch.device) -> torch.cuda.C
         _state.stream = torch.cuda.Stream(device)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(_state.stream):
+    with torch.cuda.stream(_state.stream), graph_capture_calls():
         body(True)
         torch.cuda.synchronize(device)
         graph.capture_begin(pool=_state.pool, capture_error_mode="thread_local")

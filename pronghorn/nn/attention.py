@@ -275,17 +275,29 @@ def _block_causal_mask(lengths: list[int], window: int | None, device) -> torch.
 # kernel (H100, 2K to 64K tokens: benchmarks/results/kernels/bench_attention.*), but builds a plan for every
 # new shape, about 130 ms for forward and backward. Where lengths change from batch to batch (padding-free
 # rows, VLM image sizes, padded batches) those plans cost more than cuDNN saves, so it is used only for
-# lengths where one step's savings repay a plan, or for shapes that keep coming back. A call being captured
-# into a CUDA graph (pronghorn.memory.layer_graphs) is one such shape: every replay runs what the capture chose,
-# and a graph captured early with the flash kernel ran the 8B forward 5 ms a step slower than cuDNN
+# lengths where one step's savings repay a plan, or for shapes that keep coming back. A call captured into a
+# CUDA graph (pronghorn.memory.layer_graphs) is one such shape: every replay runs what the capture chose, and a
+# graph captured early with the flash kernel ran the 8B forward 5 ms a step slower than cuDNN
 # (benchmarks/results/2026-11-23-graph-attention.md).
 CUDNN_MIN_LENGTH = 8192
 CUDNN_AFTER_CALLS = 128
 _SHAPE_CALLS: dict[tuple, int] = {}
+_GRAPH_CALLS = [0]  # depth of graph_capture_calls()
+
+
+@contextlib.contextmanager
+def graph_capture_calls():
+    """Mark the enclosed attention calls as a CUDA graph's warm-up and capture: they take cuDNN whatever their
+    shape. The warm-up must choose as the capture does, since cuDNN cannot build its plan while capturing."""
+    _GRAPH_CALLS[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPH_CALLS[0] -= 1
 
 
 def _prefers_cudnn(query: torch.Tensor) -> bool:
-    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _GRAPH_CALLS[0]:
         return True
     shape = (tuple(query.shape), query.dtype, query.device)
     if len(_SHAPE_CALLS) > 4096:

@@ -135,6 +135,9 @@ def test_sdpa_backend_policy_takes_cudnn_only_where_its_plans_pay(monkeypatch):
     assert not any(picks[:-1]) and picks[-1]
     other = torch.empty(2, 32, 2047, 128, device="meta")
     assert not attention._prefers_cudnn(other)
+    with attention.graph_capture_calls():  # a CUDA graph's warm-up and capture: replays repeat the shape
+        assert attention._prefers_cudnn(torch.empty(2, 32, 2046, 128, device="meta"))
+    assert not attention._prefers_cudnn(torch.empty(2, 32, 2045, 128, device="meta"))
     # Off CUDA the policy leaves sdpa's own choice alone.
     assert isinstance(attention.sdpa_backend_policy(torch.empty(1, 1, 4, 8)), contextlib.nullcontext)
 
@@ -157,12 +160,13 @@ def test_a_call_captured_into_a_cuda_graph_takes_cudnn_at_its_first_call(monkeyp
     expected = run()  # an eager first call of this shape: not cuDNN yet
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # warm-up on the capture stream, as torch.cuda.graph's docs ask
-    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    with attention.graph_capture_calls():
+        with torch.cuda.stream(stream):
+            run()  # warm-up on the capture stream (cuDNN builds its plan here, it cannot while capturing)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            out = run()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
