@@ -234,10 +234,9 @@ def test_chunk_size_choice(monkeypatch):
     with pytest.raises(ValueError, match="chunk_size"):
         pick_chunk_rows(100, 1000, torch.device("cpu"), chunk_size=0)
     cuda = torch.device("cuda", 0)
-    for free, vocab, want in [(80e9, 128256, 512), (80e9, 32000, 2048), (1e9, 32000, 512), (1e13, 1000, 65536),
-                              (80e9, 256000, 512)]:
+    for free, vocab, want in [(80e9, 128256, 1024), (80e9, 32000, 4096), (1e9, 32000, 1024), (1e13, 1000, 65536)]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f), int(f)))
-        # An fp32 [rows, vocab] buffer within 1/8 of free memory and 256 MiB, power of two in [512, 65536].
+        # An fp32 [rows, vocab] buffer within 1/8 of free memory and 512 MiB, power of two in [1024, 65536].
         assert pick_chunk_rows(4096, vocab, cuda) == want
 
 

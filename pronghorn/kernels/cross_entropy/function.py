@@ -17,13 +17,10 @@ from pronghorn.kernels.cross_entropy.reference import (
 from pronghorn.training.loss import count_label_tokens, loss_divisor, next_token_labels
 
 CPU_CHUNK_ROWS = 256
-_MIN_CHUNK, _MAX_CHUNK = 512, 65536
-# The logits chunk is the loss's largest transient buffer. Beyond ~1K rows the LM-head GEMM runs no faster, so
-# a larger chunk only raises peak memory (4096 rows of a 128K vocabulary: 1 GiB). With the decoder layers in
-# CUDA graphs (pronghorn.memory.layer_graphs) the loss sets the step's peak: the layers' working memory sits in
-# the graphs' pool, which the loss cannot reuse. 512 rows of a 128K vocabulary (256 MiB) took 0.25 GiB off
-# that peak for an 8B Llama (benchmarks/results/2026-11-23-graph-attention.md).
-_MAX_CHUNK_BYTES = 256 * 2**20
+_MIN_CHUNK, _MAX_CHUNK = 1024, 65536
+# The logits chunk is the training step's largest transient buffer. Beyond ~1K rows the LM-head GEMM runs
+# no faster, so a larger chunk only raises peak memory (4096 rows of a 128K vocabulary: 1 GiB).
+_MAX_CHUNK_BYTES = 512 * 2**20
 
 
 _default_rows: list[int | None] = [None]
@@ -45,8 +42,8 @@ def _check_chunk_size(chunk_size) -> None:
 
 def pick_chunk_rows(n_rows: int, vocab: int, device: torch.device, chunk_size: int | None = None) -> int:
     """Token rows per chunk. Explicit ``chunk_size`` wins, then :func:`set_default_chunk_rows`; on CUDA, the
-    largest power of two whose fp32 [rows, V] buffer fits in 1/8 of free memory and in 256 MiB, clamped to
-    [512, 65536]; on CPU 256."""
+    largest power of two whose fp32 [rows, V] buffer fits in 1/8 of free memory and in 512 MiB, clamped to
+    [1024, 65536]; on CPU 256."""
     chunk_size = _default_rows[0] if chunk_size is None else chunk_size
     if chunk_size is not None:
         _check_chunk_size(chunk_size)
