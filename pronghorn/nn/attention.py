@@ -42,6 +42,7 @@ __all__ = [
     "VARLEN_SDPA",
     "AttentionChoice",
     "choose_attention_implementation",
+    "graph_capture_calls",
     "installed_attention_backends",
     "policy_sdpa_attention",
     "register_policy_sdpa",
