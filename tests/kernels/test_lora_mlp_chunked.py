@@ -117,21 +117,7 @@ def test_modes_decide_when_the_mlp_runs_chunked(monkeypatch):
         mlp_chunked.set_chunked_mlp(mode)
         assert mlp_chunked.applies(parts[:2]) is expected
     assert mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])
-    assert mlp_chunked.applies([LoraParts(torch.zeros(4, 4))], forward=True)
     assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4), bias=torch.zeros(4))])  # biases stay unchunked
-
-
-@pytest.mark.gpu
-def test_under_capture_a_float_base_chunks_its_backward_only():
-    """The chunked forward re-reads a float32 output sum per chunk, which a float base's smaller forward working
-    set does not repay; its recompute's backward still runs chunked, so the graphs' pool holds one chunk."""
-    parts = [LoraParts(torch.zeros(64, 32, device="cuda"))]
-    mlp_chunked.set_chunked_mlp("capture")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward, backward = mlp_chunked.applies(parts, forward=True), mlp_chunked.applies(parts)
-    assert (forward, backward) == (False, True)
-    assert not mlp_chunked.applies(parts)  # not capturing
     with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
         mlp_chunked.set_chunked_mlp("sometimes")
     monkeypatch.setenv(mlp_chunked.ENV, "Sometimes")

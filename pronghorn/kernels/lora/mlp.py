@@ -208,7 +208,7 @@ def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,
             raise ValueError("up is None: pass the up projection, or fused_gate_up=True for Phi-3's gate_up_proj")
         parts = [as_parts(gate), as_parts(up), as_parts(down)]
     # applies() first: it is False for every eager call by default, which then skips _recorded's walk of the parts
-    if not output_unused and stash is None and mlp_chunked.applies(parts[:-1], forward=True) and not _recorded(x, parts):
+    if not output_unused and stash is None and mlp_chunked.applies(parts[:-1]) and not _recorded(x, parts):
         return _chunked_forward(x, parts, activation, bool(fused_gate_up))
     return LoraMLPFunction.apply(x, activation, bool(fused_gate_up), bool(output_unused), stash,
                                  tuple(float(p.scale) for p in parts),

@@ -52,13 +52,10 @@ _config = {"mode": _mode_from_env()}
 def set_chunked_mlp(mode: str) -> None:
     """When an MLP without gate/up biases runs chunked: its forward without autograd, and the backward of a recompute.
 
-    ``"capture"`` (the default): while a CUDA graph is being captured (:mod:`pronghorn.memory.layer_graphs`), the
-    backward always and the forward only over a quantized (4- or 8-bit) base. The chunks cost the host several times the launches
-    of the full-width path; replaying a graph costs none, and the graph's memory pool then holds one chunk instead
-    of full-width activations. Run eagerly on an H100 whose host could not keep up, the chunked backward made the
-    step slower (benchmarks/results/2026-11-22-mlp-chunked.md). A chunked forward over a float base re-reads its
-    float32 output sum once per chunk: that made graphed bf16 8B steps slower, and its working set is smaller
-    than the backward's, which sets the pool (benchmarks/results/2026-11-23-graph-attention.md).
+    ``"capture"`` (the default): while a CUDA graph is being captured (:mod:`pronghorn.memory.layer_graphs`).
+    The chunks cost the host several times the launches of the full-width path; replaying a graph costs none, and
+    the graph's memory pool then holds one chunk instead of full-width activations. Run eagerly on an H100 whose
+    host could not keep up, the chunked backward made the step slower (benchmarks/results/2026-11-22-mlp-chunked.md).
     ``"always"``, ``"never"``: regardless of capture (``"always"`` is how the CPU tests reach it). The environment
     variable ``PRONGHORN_CHUNKED_MLP`` sets the mode at import.
     """
@@ -67,16 +64,12 @@ def set_chunked_mlp(mode: str) -> None:
     _config["mode"] = mode
 
 
-def applies(in_parts, forward: bool = False) -> bool:
-    """Whether an MLP with these gate/up parts runs chunked now (see :func:`set_chunked_mlp`): its ``forward``
-    without autograd, or else the backward of its recompute."""
+def applies(in_parts) -> bool:
+    """Whether an MLP with these gate/up parts runs chunked now (see :func:`set_chunked_mlp`)."""
     mode = _config["mode"]
     if mode == "never" or any(p.bias is not None for p in in_parts):
         return False
-    if mode == "always":
-        return True
-    weight = in_parts[0].weight
-    return weight.is_cuda and torch.cuda.is_current_stream_capturing() and (not forward or is_quantized(weight))
+    return mode == "always" or (in_parts[0].weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def chunk_rows(tokens: int, inter: int, element_size: int, budget: int | None = None) -> int:
