@@ -118,6 +118,20 @@ def test_modes_decide_when_the_mlp_runs_chunked(monkeypatch):
         assert mlp_chunked.applies(parts[:2]) is expected
     assert mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])
     assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4), bias=torch.zeros(4))])  # biases stay unchunked
+
+
+@pytest.mark.gpu
+def test_under_capture_only_a_quantized_base_runs_chunked():
+    """Over a float base the chunks cost more GPU time than the smaller pool is worth (see set_chunked_mlp)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    float_parts = [LoraParts(torch.zeros(64, 32, device="cuda", dtype=torch.bfloat16))]
+    nf4 = bnb.nn.Params4bit(torch.randn(64, 32, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4").cuda()
+    mlp_chunked.set_chunked_mlp("capture")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        picks = mlp_chunked.applies(float_parts), mlp_chunked.applies([LoraParts(nf4)])
+    assert picks == (False, True)
+    assert not mlp_chunked.applies([LoraParts(nf4)])  # not capturing
     with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
         mlp_chunked.set_chunked_mlp("sometimes")
     monkeypatch.setenv(mlp_chunked.ENV, "Sometimes")

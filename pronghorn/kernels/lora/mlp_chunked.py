@@ -52,10 +52,13 @@ _config = {"mode": _mode_from_env()}
 def set_chunked_mlp(mode: str) -> None:
     """When an MLP without gate/up biases runs chunked: its forward without autograd, and the backward of a recompute.
 
-    ``"capture"`` (the default): while a CUDA graph is being captured (:mod:`pronghorn.memory.layer_graphs`).
-    The chunks cost the host several times the launches of the full-width path; replaying a graph costs none, and
-    the graph's memory pool then holds one chunk instead of full-width activations. Run eagerly on an H100 whose
-    host could not keep up, the chunked backward made the step slower (benchmarks/results/2026-11-22-mlp-chunked.md).
+    ``"capture"`` (the default): while a CUDA graph is being captured (:mod:`pronghorn.memory.layer_graphs`), over
+    a quantized (4- or 8-bit) base. The chunks cost the host several times the launches of the full-width path;
+    replaying a graph costs none, and the graph's memory pool then holds one chunk instead of full-width
+    activations. Run eagerly on an H100 whose host could not keep up, the chunked backward made the step slower
+    (benchmarks/results/2026-11-22-mlp-chunked.md). Over a float base the chunks cost time even in a graph: graphed
+    bf16 8B steps took 9 ms longer with the backward chunked and 16 ms with both passes, for a pool 0.26 GiB
+    smaller (benchmarks/results/2026-11-23-graph-attention.md).
     ``"always"``, ``"never"``: regardless of capture (``"always"`` is how the CPU tests reach it). The environment
     variable ``PRONGHORN_CHUNKED_MLP`` sets the mode at import.
     """
@@ -69,7 +72,8 @@ def applies(in_parts) -> bool:
     mode = _config["mode"]
     if mode == "never" or any(p.bias is not None for p in in_parts):
         return False
-    return mode == "always" or (in_parts[0].weight.is_cuda and torch.cuda.is_current_stream_capturing())
+    weight = in_parts[0].weight
+    return mode == "always" or (weight.is_cuda and torch.cuda.is_current_stream_capturing() and is_quantized(weight))
 
 
 def chunk_rows(tokens: int, inter: int, element_size: int, budget: int | None = None) -> int:
