@@ -118,6 +118,13 @@ def test_modes_decide_when_the_mlp_runs_chunked(monkeypatch):
         assert mlp_chunked.applies(parts[:2]) is expected
     assert mlp_chunked.applies([LoraParts(torch.zeros(4, 4))])
     assert not mlp_chunked.applies([LoraParts(torch.zeros(4, 4), bias=torch.zeros(4))])  # biases stay unchunked
+    with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
+        mlp_chunked.set_chunked_mlp("sometimes")
+    monkeypatch.setenv(mlp_chunked.ENV, "Sometimes")
+    with pytest.raises(ValueError, match="PRONGHORN_CHUNKED_MLP='Sometimes': must be one of"):
+        mlp_chunked._mode_from_env()
+    monkeypatch.setenv(mlp_chunked.ENV, " Always ")
+    assert mlp_chunked._mode_from_env() == "always"
 
 
 @pytest.mark.gpu
@@ -132,13 +139,6 @@ def test_under_capture_only_a_quantized_base_runs_chunked():
         picks = mlp_chunked.applies(float_parts), mlp_chunked.applies([LoraParts(nf4)])
     assert picks == (False, True)
     assert not mlp_chunked.applies([LoraParts(nf4)])  # not capturing
-    with pytest.raises(ValueError, match="one of .*'capture'.*got 'sometimes'"):
-        mlp_chunked.set_chunked_mlp("sometimes")
-    monkeypatch.setenv(mlp_chunked.ENV, "Sometimes")
-    with pytest.raises(ValueError, match="PRONGHORN_CHUNKED_MLP='Sometimes': must be one of"):
-        mlp_chunked._mode_from_env()
-    monkeypatch.setenv(mlp_chunked.ENV, " Always ")
-    assert mlp_chunked._mode_from_env() == "always"
 
 
 @pytest.mark.parametrize("fused", [False, True])
