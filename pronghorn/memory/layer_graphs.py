@@ -10,10 +10,12 @@ once and then replayed.
 Measured on an H100 (benchmarks/results/2026-11-22-layer-graphs.md): the host then issues the backward in a
 third of the time, and slow, host-caused steps disappear. But that GPU runs at its power limit, so standalone
 Llama-3.1-8B steps were no shorter, and the graphs' pool added 0.25-0.30 GiB to peak memory. A captured recompute
-now leaves its MLP to the chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`), which shrank the pool
-from 0.98 to 0.76 GiB. On an H100 whose host could not keep up, graphs took an 8B QLoRA step from 1.08x to 1.27x
-Unsloth; where the host kept up, bf16 steps were about 5% slower than eager ones
-(benchmarks/results/2026-11-22-mlp-chunked.md). Hence bf16 layers stay eager by default (below).
+over a quantized base leaves its MLP to the chunked backward (:mod:`pronghorn.kernels.lora.mlp_chunked`), which
+shrank the pool from 0.98 to 0.76 GiB. On an H100 whose host could not keep up, graphs took an 8B QLoRA step from
+1.08x to 1.27x Unsloth (benchmarks/results/2026-11-22-mlp-chunked.md). Captured attention takes cuDNN at once
+(:func:`pronghorn.nn.attention.graph_capture_calls`). Graphed bf16 layers, with a full-width MLP, were then as fast
+as eager ones where the host kept up and 12% faster where it did not, but peaked at Unsloth's memory
+(benchmarks/results/2026-11-23-graph-attention.md). Hence bf16 layers stay eager by default (below).
 
 What keeps a replay equal to running the layer:
 

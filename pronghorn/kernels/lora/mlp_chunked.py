@@ -16,7 +16,8 @@ dequantized once, a part at a time, into a buffer every chunk reuses (a float ba
 
 The MLP's working set is then one chunk (about 130 MB with 32 MiB chunks). The chunks cost the host several
 times the launches of the full-width path, so by default they run only inside CUDA graphs, whose replays launch
-nothing from Python and whose memory pool then holds one chunk (see :func:`set_chunked_mlp`).
+nothing from Python and whose memory pool then holds one chunk, and only over quantized bases (see
+:func:`set_chunked_mlp`).
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def set_chunked_mlp(mode: str) -> None:
     replaying a graph costs none, and the graph's memory pool then holds one chunk instead of full-width
     activations. Run eagerly on an H100 whose host could not keep up, the chunked backward made the step slower
     (benchmarks/results/2026-11-22-mlp-chunked.md). Over a float base the chunks cost time even in a graph: graphed
-    bf16 8B steps took 9 ms longer with the backward chunked and 16 ms with both passes, for a pool 0.26 GiB
-    smaller (benchmarks/results/2026-11-23-graph-attention.md).
+    bf16 8B steps took 9 ms longer with the backward chunked and 16 ms with both passes, for a peak 0.11 and
+    0.26 GiB lower (benchmarks/results/2026-11-23-graph-attention.md).
     ``"always"``, ``"never"``: regardless of capture (``"always"`` is how the CPU tests reach it). The environment
     variable ``PRONGHORN_CHUNKED_MLP`` sets the mode at import.
     """
