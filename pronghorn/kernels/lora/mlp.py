@@ -9,9 +9,10 @@ single ``[g | u]`` buffer), and the small ``[N, r]`` LoRA factors. ``h = act(g) 
 saved: where down's LoRA grads need it, the activation backward writes it in the same pass over ``g``/``u``,
 into the buffer of ``dh``, which that pass reads before it writes.
 A backward recompute (``output_unused``) does not make ``h`` at all: its only use there would be down's
-``h A^T``, which backward then makes from its own ``h``. Inside a CUDA graph capture it makes no ``g``/``u``
-either: backward computes them chunk by chunk, one chunk's activations at a time (:mod:`.mlp_chunked`), and a
-call that autograd does not record (a checkpointed layer's first pass) computes its output the same way.
+``h A^T``, which backward then makes from its own ``h``. Over a quantized base inside a CUDA graph capture it
+makes no ``g``/``u`` either: backward computes them chunk by chunk, one chunk's activations at a time
+(:mod:`.mlp_chunked`), and a call that autograd does not record (a checkpointed layer's first pass) computes its
+output the same way.
 Saving ``g``/``u`` rather than recomputing them costs two ``[N, I]`` tensors but avoids re-running the
 two large gate/up GEMMs; eager PEFT keeps four (``g``, ``act(g)``, ``u``, ``h``).
 
