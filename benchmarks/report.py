@@ -38,6 +38,8 @@ def label(rec: dict) -> str:
         name += " (pageable batches)"
     if rec.get("cuda_graphs") in ("on", "off"):
         name += f" (CUDA graphs {rec['cuda_graphs']})"
+    if rec.get("offload_embedding") in ("on", "off"):
+        name += f" (embeddings {'in host memory' if rec['offload_embedding'] == 'on' else 'on the GPU'})"
     return name
 
 

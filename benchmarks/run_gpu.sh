@@ -17,7 +17,8 @@
 #                           suffixes: +stashN the experimental MLP stash over the first N layers (pronghorn),
 #                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
 #                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable,
-#                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn)
+#                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn),
+#                           +embedhost / +embedgpu frozen input embeddings in host memory / on the GPU (pronghorn)
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -105,6 +106,8 @@ for mode in "${MODE_LIST[@]}"; do
           pageable) per_run+=(--batches pageable) ;;
           graphs) per_run+=(--cuda-graphs on) ;;
           eager) per_run+=(--cuda-graphs off) ;;
+          embedhost) per_run+=(--offload-embedding on) ;;
+          embedgpu) per_run+=(--offload-embedding off) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done

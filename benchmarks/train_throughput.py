@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", choices=["default", "on", "off"], default="default",
                    help="pronghorn only: replay checkpointed layers as CUDA graphs (on), run them eagerly (off), "
                         "or leave the library's default")
+    p.add_argument("--offload-embedding", choices=["default", "on", "off"], default="default",
+                   help="pronghorn only: keep the frozen input embedding table in pinned host memory (on), on "
+                        "the GPU (off), or leave the library's default")
     p.add_argument("--batches", choices=["pinned", "pageable"], default="pinned",
                    help="host memory of the input batches: pinned, as a DataLoader with pin_memory=True (the "
                         "Trainer's default) gives them, so their non-blocking copy does not wait for the GPU; "
@@ -164,7 +167,8 @@ def load_pronghorn(args, shape, model_dir, seq_len):
         from pronghorn.memory.layer_graphs import set_layer_graphs
 
         set_layer_graphs(args.cuda_graphs == "on")
-    return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len)
+    extra = {} if args.offload_embedding == "default" else {"offload_embedding": args.offload_embedding == "on"}
+    return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len, extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +324,9 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
             # Replays allocate nothing, so the allocator's peak leaves out the graphs' pool: add it.
             pool = (graphs.pool_bytes() or 0) / 2**30
             peaks.update(peak_gib=peaks["peak_gib"] + pool, graph_pool_gib=pool)
+        host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+        if "reserved_bytes.current" in host:  # page-locked host memory: offloaded layer inputs, host embeddings
+            peaks["pinned_host_gib"] = host["reserved_bytes.current"] / 2**30
     host_syncs = common.find_host_syncs(step, batches[0]) if find_syncs and device_type == "cuda" else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)
@@ -353,6 +360,7 @@ def run(args) -> dict:
                   stash_mlp_layers=args.stash_mlp_layers if args.config == "pronghorn" else None,
                   stash_residual=bool(args.stash_residual) if args.config == "pronghorn" else None,
                   batches=args.batches, cuda_graphs=args.cuda_graphs if args.config == "pronghorn" else None,
+                  offload_embedding=args.offload_embedding if args.config == "pronghorn" else None,
                   autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
                   warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
                   target_modules=common.TARGET_MODULES, status="started", date=common.now_utc(),

@@ -165,7 +165,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         if inputs_embeds is not None:
             position_ids = one_sequence_positions(inputs_embeds.shape[1], inputs_embeds.device)
         else:
-            position_ids = one_sequence_positions(input_ids.shape[1], self.get_input_embeddings().weight.device)
+            position_ids = one_sequence_positions(input_ids.shape[1], input_ids.device)
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                                  use_cache=use_cache, **kwargs)

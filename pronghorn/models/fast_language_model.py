@@ -114,6 +114,7 @@ class FastLanguageModel:
         modules_to_save=None,
         init_lora_weights=True,
         loftq_config=None,
+        offload_embedding: bool | None = None,
         **kwargs,
     ):
         """Wrap ``model`` with LoRA adapters (PEFT) and set up checkpointing; returns the PEFT model.
@@ -126,6 +127,9 @@ class FastLanguageModel:
             use_gradient_checkpointing: "unsloth" (alias of "offload": layer inputs kept in CPU memory),
                 True (recompute on the GPU), or False.
             random_state: seed for the adapter initialisation.
+            offload_embedding: keep a frozen, untied input embedding table in pinned host memory, looked up
+                from the GPU (:mod:`pronghorn.memory.host_embedding`); default on, or
+                ``PRONGHORN_OFFLOAD_EMBEDDING``.
         """
         from pronghorn.models.lora_setup import add_lora
 
@@ -139,6 +143,7 @@ class FastLanguageModel:
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
         _enable_checkpointing(model, use_gradient_checkpointing)
+        _offload_embedding(model, offload_embedding)
         _attach_exports(model)
         model = for_training(model)
         freeze_long_lived_objects()
@@ -189,7 +194,15 @@ def _load_adapter(model, adapter_dir: str, use_gradient_checkpointing):
     model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     logger.info("Loaded LoRA adapter from %s on top of its base model; it is trainable.", adapter_dir)
     _enable_checkpointing(model, use_gradient_checkpointing)
+    _offload_embedding(model, None)
     return for_training(model)
+
+
+def _offload_embedding(model, requested: bool | None) -> None:
+    from pronghorn.memory.host_embedding import offload_enabled, offload_input_embeddings
+
+    if offload_enabled(requested):
+        offload_input_embeddings(model)
 
 
 def _enable_checkpointing(model, mode) -> None:
