@@ -325,8 +325,8 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
             pool = (graphs.pool_bytes() or 0) / 2**30
             peaks.update(peak_gib=peaks["peak_gib"] + pool, graph_pool_gib=pool)
         host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
-        if "reserved_bytes.current" in host:  # page-locked host memory: offloaded layer inputs, host embeddings
-            peaks["pinned_host_gib"] = host["reserved_bytes.current"] / 2**30
+        # page-locked host memory (offloaded layer inputs, host embeddings), as the caching host allocator counts it
+        peaks["pinned_host_gib"] = {k: v / 2**30 for k, v in host.items() if "bytes" in k}
     host_syncs = common.find_host_syncs(step, batches[0]) if find_syncs and device_type == "cuda" else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)

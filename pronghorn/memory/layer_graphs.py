@@ -25,8 +25,9 @@ What keeps a replay equal to running the layer:
   after it ends and all graphs share one pool, about one layer's working set.
 - Parameter gradients leave the graph through a scratch buffer and reach ``.grad`` after the replay as autograd
   would put them there (new tensors, or added to the ones there), see :class:`_ParamGrads`.
-- LoRA factors are cast inside the graph rather than taken from the step's cast cache (whose buffers a graph
-  could outlive), and autocast's weight cache is off while capturing.
+- LoRA factors are read from the step's cast cache, which refreshes the buffers a graph reads every step and
+  keeps them until the graphs are dropped (:func:`pronghorn.kernels.lora.cast_cache.graph_reads`); autocast's
+  weight cache is off while capturing.
 
 A call is graphed only where replaying cannot differ from running: CUDA tensors, no dropout, no stash, no
 gradient hooks on the layer's parameters, no distributed training, arguments that are tensors or plain values,
@@ -40,6 +41,7 @@ where it did not, with less memory, while bf16 layers ran up to 7% slower graphe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -66,7 +68,7 @@ logger = logging.getLogger(__name__)
 MAX_SHAPES = 4  # distinct layer-input shapes that get graphs; the rest of the shapes run eagerly
 CAPTURE_AT = 2  # the call (per signature) that captures; earlier calls run eagerly and warm everything up
 
-MODES = ("quantized", "on", "off")
+MODES = ("auto", "quantized", "on", "off")
 ENV = "PRONGHORN_CUDA_GRAPHS"
 _ENV_WORDS = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 
@@ -81,12 +83,13 @@ def _mode(value: str | bool, source: str) -> str:
     return mode
 
 
-_config = {"mode": _mode(os.environ.get(ENV, "quantized"), ENV)}
+_config = {"mode": _mode(os.environ.get(ENV, "auto"), ENV)}
 
 
 def set_layer_graphs(mode: str | bool) -> None:
-    """Which checkpointed layers replay as CUDA graphs: ``"quantized"`` (the default) those holding a 4-bit
-    weight whose attention is not eager, ``"on"`` (or True) all, ``"off"`` (or False) none.
+    """Which checkpointed layers replay as CUDA graphs: ``"auto"`` (the default) those whose attention is not
+    eager, ``"quantized"`` only those of them holding a 4-bit weight, ``"on"`` (or True) all, ``"off"`` (or
+    False) none.
     ``PRONGHORN_CUDA_GRAPHS`` sets it at import. A change of mode drops the graphs captured so far."""
     mode = _mode(mode, "mode")
     if mode != _config["mode"]:
@@ -125,6 +128,7 @@ def reset() -> None:
     """Drop every graph and buffer (their memory returns to PyTorch's cache)."""
     global _state
     _state = _State()
+    cast_cache.release_held()
 
 
 # ------------------------------------------------------------------------------------------- signatures
@@ -178,18 +182,23 @@ def _layer_state(layer: nn.Module) -> tuple:
     return (layer.training, tuple(p.requires_grad for p in params), tuple(_state_key(m) for m in modules))
 
 
-def _graphed_by_default(layer: nn.Module | None) -> bool:
-    """Whether the ``"quantized"`` mode graphs ``layer``: it holds a 4-bit weight, and its attention does not
-    materialize the score matrix. Eager attention (Gemma 2's softcapping without flash-attn) would keep its
-    ``[batch, heads, seq, seq]`` scores and probabilities in the graphs' pool: 3.2 GiB for Gemma-2-9B at 2 x 2048."""
+def _graphed_by_mode(layer: nn.Module | None, mode: str) -> bool:
+    """Whether the ``"auto"`` or ``"quantized"`` mode graphs ``layer``: its attention does not materialize the
+    score matrix, and (``"quantized"``) it holds a 4-bit weight. Eager attention (Gemma 2's softcapping without
+    flash-attn) would keep its ``[batch, heads, seq, seq]`` scores and probabilities in the graphs' pool: 3.2 GiB
+    for Gemma-2-9B at 2 x 2048."""
     if layer is None:
         return False
+    attention = getattr(layer, "self_attn", None)
+    config = getattr(attention, "config", None) or getattr(layer, "config", None)
+    if getattr(config, "_attn_implementation", None) == "eager":
+        return False
+    if mode == "auto":
+        return True
     held = layer.__dict__.get("_pronghorn_holds_4bit")
     if held is None:
         held = layer.__dict__["_pronghorn_holds_4bit"] = any(is_4bit(p) for p in layer.parameters())
-    attention = getattr(layer, "self_attn", None)
-    config = getattr(attention, "config", None) or getattr(layer, "config", None)
-    return held and getattr(config, "_attn_implementation", None) != "eager"
+    return held
 
 
 def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
@@ -347,6 +356,12 @@ def _capture(body: Callable[[bool], None], device: torch.device) -> torch.cuda.C
     return graph
 
 
+def _casts(warm: bool):
+    """The warm-up casts LoRA factors through the step's cache like an eager call; the capture then reads those
+    buffers, which the cache holds and refreshes every step for as long as the graphs live."""
+    return contextlib.nullcontext() if warm else cast_cache.graph_reads()
+
+
 def _autocast(device: torch.device, state: tuple):
     """Autocast as ``state`` (enabled, dtype) with its weight cache off: a cast cached during capture would live
     in the graph's pool, and one cached before capture would be freed while the graph still reads it."""
@@ -361,7 +376,7 @@ def mode_allows(function, hidden: torch.Tensor) -> bool:
     mode = _config["mode"]
     if mode == "off" or not hidden.is_cuda:
         return False
-    return mode == "on" or _graphed_by_default(_layer_of(function))
+    return mode == "on" or _graphed_by_mode(_layer_of(function), mode)
 
 
 def _lookup(phase: str, function, args: tuple, hidden_index: int, extra: tuple):
@@ -466,7 +481,7 @@ def _capture_forward(key, function, spec, tensors, hidden, autocast):
     made: dict = {}
 
     def body(warm: bool) -> None:
-        with _autocast(hidden.device, autocast), cast_cache.uncached():
+        with _autocast(hidden.device, autocast), _casts(warm):
             outs, made["single"] = _outputs(call(*call_args))
         made["outputs"] = [None if o is None else _buffer(("out", i), o) for i, o in enumerate(outs)]
         for s, o in zip(made["outputs"], outs):
@@ -555,7 +570,7 @@ def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autoca
 
     def body(warm: bool) -> None:
         with torch.enable_grad(), _autocast(device, (autocast["enabled"], autocast["dtype"])), \
-                backward_recompute(), active_stash(None), cast_cache.uncached(), \
+                backward_recompute(), active_stash(None), _casts(warm), \
                 dequant_handoff.recompute_to_backward() as handoff:
             outs, _ = _outputs(call(*call_args))
             handoff.collecting = False

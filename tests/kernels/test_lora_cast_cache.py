@@ -93,11 +93,33 @@ def test_an_optimizer_step_between_steps_is_seen():
     assert not torch.equal(stale, fresh)
 
 
-def test_uncached_casts_afresh_inside_a_step(steps_ended):
-    a = torch.randn(4, 4)
+@pytest.fixture
+def held_released():
+    yield
+    cast_cache.release_held()
+    cast_cache.end_steps()
+
+
+def test_a_capture_reads_cached_casts_and_holds_them_across_steps(held_released):
+    """Under graph_reads a cached cast is returned and then refreshed at every step although no one asks for it
+    again (graph replays do not), even across end_steps; a cast not cached is made afresh and not cached."""
+    a, b = torch.randn(4, 4), torch.randn(3, 4)
     cast_cache.begin_step()
-    cached = cast_cache.cast(a, torch.float16)
-    assert cast_cache.cast(a, torch.float16) is cached
-    with cast_cache.uncached():
-        assert cast_cache.cast(a, torch.float16) is not cached
-    assert cast_cache.cast(a, torch.float16) is cached
+    cached = cast_cache.cast(a, torch.float16)  # the uncaptured warm-up
+    with cast_cache.graph_reads():
+        assert cast_cache.cast(a, torch.float16) is cached
+        fresh = cast_cache.cast(b, torch.float16)
+    assert cast_cache.cast(b, torch.float16) is not fresh
+    for _ in range(3):  # replays only: the cast is never asked for, yet stays current
+        a.data.add_(1.0)
+        cast_cache.begin_step()
+        assert torch.equal(cached, a.half())
+    cast_cache.end_steps()
+    a.data.add_(1.0)
+    cast_cache.begin_step()
+    assert torch.equal(cached, a.half())
+    cast_cache.release_held()  # the graphs are gone: the cast refreshes only while used
+    cast_cache.begin_step()
+    a.data.add_(1.0)
+    cast_cache.begin_step()
+    assert not torch.equal(cached, a.half())

@@ -117,7 +117,7 @@ def test_the_switch_reads_the_argument_then_the_environment(monkeypatch):
 
 @pytest.mark.gpu
 def test_get_peft_model_moves_the_table_and_trains_the_same(tiny_dir):
-    ids = torch.randint(5, 500, (2, 32), generator=torch.Generator().manual_seed(2), device="cuda")
+    ids = torch.randint(5, 500, (2, 32), generator=torch.Generator().manual_seed(2)).cuda()
     reference = _lora(tiny_dir, offload=False, device="cuda")
     before = torch.cuda.memory_allocated()
     model = _lora(tiny_dir, offload=True, device="cuda")

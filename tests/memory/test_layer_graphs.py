@@ -44,7 +44,7 @@ def graphs_on():
 
 
 def test_modes_and_their_spellings(monkeypatch):
-    assert layer_graphs._mode("quantized", "x") == "quantized"
+    assert layer_graphs._mode("quantized", "x") == "quantized" and layer_graphs._mode("Auto", "x") == "auto"
     for value, mode in ((True, "on"), (False, "off"), ("1", "on"), (" Off ", "off"), ("no", "off"), ("ON", "on")):
         assert layer_graphs._mode(value, "x") == mode
     with pytest.raises(ValueError, match="PRONGHORN_CUDA_GRAPHS='sometimes': .* one of"):
@@ -56,8 +56,8 @@ def test_modes_and_their_spellings(monkeypatch):
 
 
 @pytest.mark.parametrize("attention,graphed", [("sdpa", True), ("flash_attention_2", True), ("eager", False)])
-def test_by_default_layers_with_4bit_weights_and_no_eager_attention_are_graphed(attention, graphed):
-    """Eager attention keeps its score matrix in the graphs' pool, so such layers stay eager."""
+def test_auto_graphs_layers_without_eager_attention_and_quantized_only_4bit_ones(attention, graphed):
+    """Eager attention keeps its score matrix in the graphs' pool, so such layers stay eager in both modes."""
     bnb = pytest.importorskip("bitsandbytes")
     from types import SimpleNamespace
 
@@ -67,19 +67,23 @@ def test_by_default_layers_with_4bit_weights_and_no_eager_attention_are_graphed(
         out.self_attn.config = SimpleNamespace(_attn_implementation=attention)
         return out
 
-    assert not layer_graphs._graphed_by_default(layer(nn.Linear(64, 64)))
+    plain = layer(nn.Linear(64, 64))
     mixed = layer(nn.Linear(64, 64), bnb.nn.Linear4bit(64, 64, quant_type="nf4").to("cpu"))
-    assert layer_graphs._graphed_by_default(mixed) is graphed
-    assert not layer_graphs._graphed_by_default(None)
+    assert layer_graphs._graphed_by_mode(plain, "auto") is graphed
+    assert layer_graphs._graphed_by_mode(mixed, "auto") is graphed
+    assert not layer_graphs._graphed_by_mode(plain, "quantized")
+    assert layer_graphs._graphed_by_mode(mixed, "quantized") is graphed
+    assert not layer_graphs._graphed_by_mode(None, "auto")
 
 
 def test_the_mode_is_asked_before_anything_else():
-    """Off, a CPU input, or (by default) a layer without 4-bit weights: no graph; "on": any CUDA call may be."""
+    """Off, a CPU input, or (quantized) a layer without 4-bit weights: no graph; "on", and "auto" for a layer
+    without eager attention: any CUDA call may be."""
     from types import SimpleNamespace
 
     call, on_gpu = functools.partial(nn.Linear(4, 4).__call__), SimpleNamespace(is_cuda=True)
     for mode, hidden, allowed in (("off", on_gpu, False), ("on", torch.zeros(1), False), ("on", on_gpu, True),
-                                  ("quantized", on_gpu, False)):
+                                  ("quantized", on_gpu, False), ("auto", on_gpu, True)):
         layer_graphs.set_layer_graphs(mode)
         assert layer_graphs.mode_allows(call, hidden) is allowed
 
@@ -294,15 +298,18 @@ def test_graphed_qlora_layers_give_the_gradients_of_eager_layers(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family,quantized,graphs", [("llama", False, 0), ("llama", True, 4), ("gemma2", True, 0)])
-def test_by_default_only_4bit_layers_without_eager_attention_are_graphed(family, quantized, graphs, tmp_path):
+@pytest.mark.parametrize("mode,family,quantized,graphs", [
+    ("quantized", "llama", False, 0), ("quantized", "llama", True, 4), ("quantized", "gemma2", True, 0),
+    ("auto", "llama", False, 4), ("auto", "gemma2", False, 0),
+])
+def test_the_modes_graph_the_layers_they_name(mode, family, quantized, graphs, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     if quantized:
         pytest.importorskip("bitsandbytes")
     from tests.factories import save_tiny
 
-    layer_graphs.set_layer_graphs("quantized")
+    layer_graphs.set_layer_graphs(mode)
     layer_graphs.reset()
     model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=2), quantized=quantized)
     if family == "gemma2" and model.config._attn_implementation != "eager":
