@@ -118,14 +118,15 @@ def test_the_switch_reads_the_argument_then_the_environment(monkeypatch):
 @pytest.mark.gpu
 def test_get_peft_model_moves_the_table_and_trains_the_same(tiny_dir):
     ids = torch.randint(5, 500, (2, 32), generator=torch.Generator().manual_seed(2)).cuda()
-    reference = _lora(tiny_dir, offload=False, device="cuda")
-    before = torch.cuda.memory_allocated()
-    model = _lora(tiny_dir, offload=True, device="cuda")
+    grown = []
+    for offload in (False, True):
+        before = torch.cuda.memory_allocated()
+        loaded = _lora(tiny_dir, offload=offload, device="cuda")
+        grown.append(torch.cuda.memory_allocated() - before)
+    reference, model = _lora(tiny_dir, offload=False, device="cuda"), loaded
     emb = model.get_input_embeddings()
     assert isinstance(emb, HostEmbedding) and emb.weight.is_pinned()
-    table_bytes = emb.weight.numel() * emb.weight.element_size()
-    assert torch.cuda.memory_allocated() - before <= sum(
-        p.numel() * p.element_size() for p in reference.parameters()) - table_bytes
+    assert grown[0] - grown[1] >= emb.weight.numel() * emb.weight.element_size()
     model.to("cuda")  # what a Trainer does: the table stays in host memory
     assert model.get_input_embeddings().weight.device.type == "cpu"
     for m in (reference, model):
