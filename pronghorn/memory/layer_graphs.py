@@ -15,7 +15,7 @@ shrank the pool from 0.98 to 0.76 GiB. On an H100 whose host could not keep up, 
 1.08x to 1.27x Unsloth (benchmarks/results/2026-11-22-mlp-chunked.md). Captured attention takes cuDNN at once
 (:func:`pronghorn.nn.attention.graph_capture_calls`). Graphed bf16 layers, with a full-width MLP, were then as fast
 as eager ones where the host kept up and 12% faster where it did not, but peaked at Unsloth's memory
-(benchmarks/results/2026-11-23-graph-attention.md). Hence bf16 layers stay eager by default (below).
+(benchmarks/results/2026-11-23-graph-attention.md), until the memory below was freed.
 
 What keeps a replay equal to running the layer:
 
@@ -34,10 +34,11 @@ gradient hooks on the layer's parameters, no distributed training, arguments tha
 and at most :data:`MAX_SHAPES` layer-input shapes (data of many lengths would otherwise capture without end).
 Whatever a capture cannot hold (a host sync, say) makes it fail; that call signature then stays eager.
 
-By default only layers holding a 4-bit weight are graphed, and not those with eager attention (see
-:func:`set_layer_graphs`): in QLoRA, graphs were as fast as eager layers where the host kept up and 5-18% faster
-where it did not, with less memory, while bf16 layers ran up to 7% slower graphed on a power-bound H100
-(benchmarks/results/2026-11-22-graph-policy.md).
+By default (``"auto"``, see :func:`set_layer_graphs`) every layer is graphed whose attention is not eager. Until
+2026-11-23 only layers holding a 4-bit weight were: graphed bf16 layers then peaked at Unsloth's memory. Frozen
+input embeddings in host memory (:mod:`pronghorn.memory.host_embedding`) freed 0.98 GiB, and graphs stopped
+casting LoRA factors in-graph. Graphed bf16 Llama-3.1-8B steps then ran 1.4% faster than eager ones (327 vs 332 ms)
+at 16.48 GiB against Unsloth's 17.32 (benchmarks/results/2026-11-23-host-embedding.md).
 """
 from __future__ import annotations
 

@@ -187,7 +187,8 @@ def test_a_late_fetch_waits_for_the_next_layers_mlp_backward(stashed_layers, tmp
 
 
 @pytest.mark.gpu
-def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, residual_stash, tmp_path):
+def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, residual_stash, eager_layers,
+                                                                tmp_path):
     """On CUDA the stash goes through pinned host memory on the side stream and back: MLP gates and residuals
     parked, or neither, give the same gradients."""
     if not torch.cuda.is_available():
@@ -211,6 +212,17 @@ def test_cuda_stash_gives_the_gradients_of_the_plain_recompute(stashed_layers, r
     assert parked == [0, 2, 3]  # the default parks every (ungraphed) layer's gate
     for got in grads[1:]:
         assert_grads_close(got, grads[0], atol=0, rtol=0)  # the same values, fetched instead of recomputed
+
+
+@pytest.fixture
+def eager_layers():
+    """No layer graphed: "auto" stashes only layers the graph mode leaves eager, and by default it graphs all."""
+    from pronghorn.memory import layer_graphs
+
+    mode = layer_graphs._config["mode"]
+    layer_graphs.set_layer_graphs("off")
+    yield
+    layer_graphs.set_layer_graphs(mode)
 
 
 @pytest.fixture
