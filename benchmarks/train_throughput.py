@@ -327,6 +327,9 @@ def train(model, batches, warmup: int, steps: int, lr: float, device: str, autoc
         host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
         # page-locked host memory (offloaded layer inputs, host embeddings), as the caching host allocator counts it
         peaks["pinned_host_gib"] = {k: v / 2**30 for k, v in host.items() if "bytes" in k}
+        # pronghorn's host embedding tables are page-locked in place (cudaHostRegister), outside those counts
+        peaks["host_embedding_gib"] = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                                          if type(m).__name__ == "HostEmbedding") / 2**30
     host_syncs = common.find_host_syncs(step, batches[0]) if find_syncs and device_type == "cuda" else None
     if profile_path and device_type == "cuda":
         common.write_profile(step, batches, profile_path)

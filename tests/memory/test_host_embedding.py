@@ -40,7 +40,7 @@ def test_lookups_equal_the_embedding_and_keep_the_state_dict_key():
     torch.testing.assert_close(host(ids), emb(ids), atol=0, rtol=0)
     assert list(host.state_dict()) == ["weight"] and not list(host.parameters())
     assert host.weight.device.type == "cpu" and host.padding_idx == 0
-    assert host.weight.is_pinned() == torch.cuda.is_available()
+    assert host.weight.is_pinned() == torch.cuda.is_available()  # registered in place where CUDA is
 
 
 def test_module_to_changes_dtype_and_output_device_but_not_where_the_table_lives():
@@ -134,3 +134,16 @@ def test_get_peft_model_moves_the_table_and_trains_the_same(tiny_dir):
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss,
                                atol=0, rtol=0)
     assert_grads_close(trainable_grads(model), trainable_grads(reference), atol=0, rtol=0)
+
+
+def test_a_deep_copy_looks_up_the_same_rows():
+    """Reference models (DPO) are deep copies: the copy's table is plain host memory, looked up all the same."""
+    import copy
+
+    host = HostEmbedding(nn.Embedding(30, 8))
+    twin = copy.deepcopy(host)
+    ids = torch.tensor([[3, 29, 0]])
+    torch.testing.assert_close(twin(ids), host(ids), atol=0, rtol=0)
+    host.unlock()
+    host.unlock()  # idempotent
+    torch.testing.assert_close(host(ids), twin(ids), atol=0, rtol=0)
