@@ -47,7 +47,7 @@ def offload_enabled(requested: bool | None = None) -> bool:
 def _page_locked_copy(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int | None]:
     """A host copy of ``weight`` and, where CUDA registered (page-locked) its memory in place, the address to
     unregister. Registering locks exactly the table's bytes: ``pin_memory()`` would round the block up to a power
-    of two (2 GiB for Llama-3.1-8B's 0.98 GiB table). Where registering fails, ``pin_memory()`` it is."""
+    of two (2 GiB for Qwen3-8B's 1.16 GiB table). Where registering fails, ``pin_memory()`` it is."""
     host = torch.empty(weight.shape, dtype=dtype or weight.dtype)
     host.copy_(weight.detach())
     if not torch.cuda.is_available() or host.numel() == 0:
