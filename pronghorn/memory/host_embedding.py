@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import nn
 
+from pronghorn.export.merge import unwrap_base_model
 from pronghorn.kernels.row_gather import gather_rows
 from pronghorn.memory.offload import available_host_bytes, host_reserve_bytes
 
@@ -112,7 +113,7 @@ class HostEmbedding(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.numel() == 0:
             return
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one reduction, one read back
         if low < 0 or high >= self.num_embeddings:
             bad = low if low < 0 else high
             raise ValueError(
@@ -131,10 +132,6 @@ class HostEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, table in host memory, lookups on {self.output_device}"
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _why_not(embedding, output) -> str | None:
@@ -161,7 +158,7 @@ def _why_not(embedding, output) -> str | None:
 def offload_input_embeddings(model: nn.Module) -> bool:
     """Move ``model``'s input embedding table to page-locked host memory when nothing else needs it on the GPU (see
     the module docstring); returns whether it moved."""
-    base = _base(model)
+    base = unwrap_base_model(model)
     embedding = base.get_input_embeddings()
     if isinstance(embedding, HostEmbedding):
         return True
@@ -181,7 +178,7 @@ def offload_input_embeddings(model: nn.Module) -> bool:
 def restore_input_embeddings(model: nn.Module) -> bool:
     """Put a table moved by :func:`offload_input_embeddings` back on its GPU as an ``nn.Embedding``; returns
     whether there was one to move."""
-    base = _base(model)
+    base = unwrap_base_model(model)
     host = base.get_input_embeddings()
     if not isinstance(host, HostEmbedding):
         return False

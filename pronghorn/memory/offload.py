@@ -364,7 +364,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.rng = _capture_rng(hidden.device) if preserve_rng_state else None
         ctx.input_needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
         ctx.record = OffloadedActivation(hidden)
-        graphed = layer_graphs.layer_graphs_enabled() and layer_graphs.mode_allows(run_function, hidden)
+        graphed = layer_graphs.mode_allows(run_function, hidden)
         ctx.record.stash = stash = next_layer_stash(auto=hidden.is_cuda and not graphed)
         # The other positional arguments are rare (transformers passes hidden_states alone) and small.
         ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]

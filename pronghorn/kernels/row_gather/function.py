@@ -10,7 +10,7 @@ from pronghorn.kernels.backend import interpreter_on, triton_importable
 from pronghorn.kernels.row_gather.reference import gather_rows_reference
 
 
-def _kernel_reads(table: torch.Tensor, ids: torch.Tensor, device: torch.device) -> bool:
+def _kernel_reads(table: torch.Tensor, device: torch.device) -> bool:
     """Whether the Triton kernel can do this gather: a CUDA output with the table in device or pinned host
     memory, or everything on the CPU under the interpreter (tests)."""
     if not triton_importable():
@@ -39,7 +39,7 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor, device: torch.device | s
     device = torch.device(device) if device is not None else ids.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if not _kernel_reads(table, ids, device):
+    if not _kernel_reads(table, device):
         return gather_rows_reference(table, ids, device)
     if table.stride(1) != 1:
         table = table.contiguous()
