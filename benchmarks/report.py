@@ -40,6 +40,8 @@ def label(rec: dict) -> str:
         name += f" (CUDA graphs {rec['cuda_graphs']})"
     if rec.get("offload_embedding") in ("on", "off"):
         name += f" (embeddings {'in host memory' if rec['offload_embedding'] == 'on' else 'on the GPU'})"
+    if rec.get("graph_gates") in ("park", "compute"):
+        name += f" (graphed gates {'parked' if rec['graph_gates'] == 'park' else 'recomputed'})"
     return name
 
 

@@ -18,7 +18,8 @@
 #                           +residual the experimental residual stash, recompute skips o_proj (pronghorn),
 #                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable,
 #                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn),
-#                           +embedhost / +embedgpu frozen input embeddings in host memory / on the GPU (pronghorn)
+#                           +embedhost / +embedgpu frozen input embeddings in host memory / on the GPU (pronghorn),
+#                           +parkgates / +computegates graphed layers park their MLP gates / recompute them (pronghorn)
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -108,6 +109,8 @@ for mode in "${MODE_LIST[@]}"; do
           eager) per_run+=(--cuda-graphs off) ;;
           embedhost) per_run+=(--offload-embedding on) ;;
           embedgpu) per_run+=(--offload-embedding off) ;;
+          parkgates) per_run+=(--graph-gates park) ;;
+          computegates) per_run+=(--graph-gates compute) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", choices=["default", "on", "off"], default="default",
                    help="pronghorn only: replay checkpointed layers as CUDA graphs (on), run them eagerly (off), "
                         "or leave the library's default")
+    p.add_argument("--graph-gates", choices=["default", "park", "compute"], default="default",
+                   help="pronghorn only: graphed layers park their MLP gate outputs in host memory so the recompute "
+                        "skips the gate GEMM (park), recompute them (compute), or leave the library's default")
     p.add_argument("--offload-embedding", choices=["default", "on", "off"], default="default",
                    help="pronghorn only: keep the frozen input embedding table in pinned host memory (on), on "
                         "the GPU (off), or leave the library's default")
@@ -167,6 +170,10 @@ def load_pronghorn(args, shape, model_dir, seq_len):
         from pronghorn.memory.layer_graphs import set_layer_graphs
 
         set_layer_graphs(args.cuda_graphs == "on")
+    if args.graph_gates != "default":
+        from pronghorn.memory.graph_stash import set_graph_gate_stash
+
+        set_graph_gate_stash(args.graph_gates == "park")
     extra = {} if args.offload_embedding == "default" else {"offload_embedding": args.offload_embedding == "on"}
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len, extra=extra)
 
@@ -364,6 +371,7 @@ def run(args) -> dict:
                   stash_residual=bool(args.stash_residual) if args.config == "pronghorn" else None,
                   batches=args.batches, cuda_graphs=args.cuda_graphs if args.config == "pronghorn" else None,
                   offload_embedding=args.offload_embedding if args.config == "pronghorn" else None,
+                  graph_gates=args.graph_gates if args.config == "pronghorn" else None,
                   autocast_bf16=args.autocast, batch_size=batch_size, seq_len=seq_len, tokens_per_step=batch_size * seq_len,
                   warmup_steps=args.warmup, timed_steps=args.steps, lora_r=args.rank, lora_alpha=args.alpha,
                   target_modules=common.TARGET_MODULES, status="started", date=common.now_utc(),

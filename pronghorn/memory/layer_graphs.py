@@ -55,6 +55,8 @@ from torch import nn
 from pronghorn.kernels.dequant import handoff as dequant_handoff
 from pronghorn.kernels.dequant.weights import is_4bit
 from pronghorn.kernels.lora import cast_cache
+# Imported as a module: graph_stash imports offload, which imports this one.
+from pronghorn.memory import graph_stash
 from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash
 from pronghorn.nn.attention import graph_capture_calls
@@ -130,6 +132,7 @@ def reset() -> None:
     global _state
     _state = _State()
     cast_cache.release_held()
+    graph_stash.reset()
 
 
 # ------------------------------------------------------------------------------------------- signatures
@@ -194,12 +197,20 @@ def _graphed_by_mode(layer: nn.Module | None, mode: str) -> bool:
     config = getattr(attention, "config", None) or getattr(layer, "config", None)
     if getattr(config, "_attn_implementation", None) == "eager":
         return False
-    if mode == "auto":
-        return True
+    return mode == "auto" or _holds_4bit(layer)
+
+
+def _holds_4bit(layer: nn.Module) -> bool:
     held = layer.__dict__.get("_pronghorn_holds_4bit")
     if held is None:
         held = layer.__dict__["_pronghorn_holds_4bit"] = any(is_4bit(p) for p in layer.parameters())
     return held
+
+
+def _parks_gate(layer: nn.Module) -> bool:
+    """Whether this layer's graphs hand its MLP gate from forward to recompute (:mod:`.graph_stash`); a 4-bit
+    layer's recompute leaves gate and up to its chunked backward instead."""
+    return graph_stash.enabled() and not _holds_4bit(layer)
 
 
 def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
@@ -316,8 +327,10 @@ def _views(flat: torch.Tensor, params: list, sizes: list[int]) -> list[torch.Ten
 class _Graph:
     """One captured layer call: its graph and the static tensors it reads and writes."""
 
-    def __init__(self, graph, inputs, outputs=(), single=True, grad_out=None, grad_in=None, param_grads=None):
+    def __init__(self, graph, inputs, outputs=(), single=True, grad_out=None, grad_in=None, param_grads=None,
+                 gate: graph_stash.SlotStash | None = None):
         self.graph = graph
+        self.gate = gate if gate is not None and gate.slot is not None else None  # forward: the slot it fills
         self.inputs = inputs  # [(static buffer, copy every call)] in the order of the call's tensors
         self.outputs, self.single = list(outputs), single  # forward: static output buffers
         self.grad_out, self.grad_in = grad_out, grad_in
@@ -453,36 +466,42 @@ def _try_capture(key, body, device) -> torch.cuda.CUDAGraph | None:
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def run_forward(function: Callable, args: tuple, hidden_index: int):
-    """``function(*args)`` (a checkpointed layer's forward, no autograd) replayed from its graph, or None: run
-    it eagerly."""
+def run_forward(function: Callable, args: tuple, hidden_index: int) -> tuple[Any, graph_stash.ParkedGate | None]:
+    """``(outputs, parked gate)``: ``function(*args)`` (a checkpointed layer's forward, no autograd) replayed from
+    its graph, with its MLP gate on its way to host memory where the layer parks it (:mod:`.graph_stash`,
+    else None); or ``(None, None)``: run it eagerly."""
     if not mode_allows(function, args[hidden_index]):
-        return None
+        return None, None
     device = args[hidden_index].device
     autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-    key, graph, tensors, spec = _lookup("forward", function, args, hidden_index, (autocast,))
+    parks = _parks_gate(_layer_of(function))
+    key, graph, tensors, spec = _lookup("forward", function, args, hidden_index, (autocast, parks))
     if graph is None:
-        return None
+        return None, None
     if graph == "capture":
-        graph = _capture_forward(key, function, spec, tensors, args[hidden_index], autocast)
+        graph = _capture_forward(key, function, spec, tensors, args[hidden_index], autocast, parks)
         if graph is None:
-            return None
+            return None, None
     else:
         graph.load(tensors)
+    if graph.gate is not None:
+        graph.gate.slot.before_write()
     _replay(graph)
     outs = [None if o is None else o.clone() for o in graph.outputs]
-    return outs[0] if graph.single else tuple(outs)
+    parked = graph_stash.ParkedGate(graph.gate) if graph.gate is not None else None
+    return (outs[0] if graph.single else tuple(outs)), (parked if parked is not None and parked.parked else None)
 
 
-def _capture_forward(key, function, spec, tensors, hidden, autocast):
+def _capture_forward(key, function, spec, tensors, hidden, autocast, parks: bool):
     if _checked_params(key, function) is None:
         return None
     inputs = _static_inputs(tensors, hidden)
     call, call_args = _static_call(function, spec, [b for b, _ in inputs])
     made: dict = {}
+    gate = graph_stash.slot_stash(id(_layer_of(function))) if parks else None
 
     def body(warm: bool) -> None:
-        with _autocast(hidden.device, autocast), _casts(warm):
+        with _autocast(hidden.device, autocast), _casts(warm), active_stash(gate):
             outs, made["single"] = _outputs(call(*call_args))
         made["outputs"] = [None if o is None else _buffer(("out", i), o) for i, o in enumerate(outs)]
         for s, o in zip(made["outputs"], outs):
@@ -492,7 +511,7 @@ def _capture_forward(key, function, spec, tensors, hidden, autocast):
     graph = _try_capture(key, body, hidden.device)
     if graph is None:
         return None
-    entry = _state.graphs[key] = _Graph(graph, inputs, outputs=made["outputs"], single=made["single"])
+    entry = _state.graphs[key] = _Graph(graph, inputs, outputs=made["outputs"], single=made["single"], gate=gate)
     return entry
 
 
@@ -500,10 +519,11 @@ def _capture_forward(key, function, spec, tensors, hidden, autocast):
 
 
 def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: list[bool], autocast: dict,
-                 grad_outputs: tuple):
+                 grad_outputs: tuple, gate: graph_stash.ParkedGate | None = None):
     """Gradients of a checkpointed layer's inputs (one per entry of ``args``, None where none is needed) from
     its graphed recompute and backward, with its parameters' gradients added to their ``.grad``; or None: run
-    it eagerly. ``args`` holds the restored layer input at ``hidden_index``; ``autocast`` is the forward's."""
+    it eagerly. ``args`` holds the restored layer input at ``hidden_index``; ``autocast`` is the forward's;
+    ``gate`` the MLP gate its forward replay parked, which the recompute then reads instead of computing."""
     if not mode_allows(function, args[hidden_index]):
         return None
     if any(n for i, n in enumerate(needs_grad) if i != hidden_index):
@@ -513,18 +533,22 @@ def run_backward(function: Callable, args: list, hidden_index: int, needs_grad: 
         return None
     state = (autocast["enabled"], autocast["dtype"])
     key, graph, tensors, spec = _lookup("backward", function, args, hidden_index,
-                                        (state, needs_grad[hidden_index], tuple(live)))
+                                        (state, needs_grad[hidden_index], tuple(live), gate is not None))
     if graph is None:
         return None
     grad = grad_outputs[live[0]]
     if graph == "capture":
         graph = _capture_backward(key, function, spec, tensors, args[hidden_index], needs_grad[hidden_index],
-                                  autocast, live[0], grad)
+                                  autocast, live[0], grad, gate)
         if graph is None:
             return None
+        if gate is not None:
+            gate.refetch()
     else:
         graph.load(tensors)
         _load_grad(graph.grad_out, grad)
+    if gate is not None:
+        gate.wait()
     _replay(graph)
     graph.param_grads.hand_off()
     return [graph.grad_in if i == hidden_index else None for i in range(len(args))]
@@ -555,7 +579,7 @@ def _checked_params(key, function) -> list[nn.Parameter] | None:
         return None
 
 
-def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autocast, live, grad):
+def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autocast, live, grad, gate):
     params = _checked_params(key, function)
     if params is None:
         return None
@@ -571,7 +595,7 @@ def _capture_backward(key, function, spec, tensors, hidden, needs_hidden, autoca
 
     def body(warm: bool) -> None:
         with torch.enable_grad(), _autocast(device, (autocast["enabled"], autocast["dtype"])), \
-                backward_recompute(), active_stash(None), _casts(warm), \
+                backward_recompute(), active_stash(gate.stash if gate is not None else None), _casts(warm), \
                 dequant_handoff.recompute_to_backward() as handoff:
             outs, _ = _outputs(call(*call_args))
             handoff.collecting = False

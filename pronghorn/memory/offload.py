@@ -81,6 +81,7 @@ class OffloadedActivation:
         self._restored: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self.stash = None  # the layer's stashed activations (pronghorn.memory.stash)
+        self.graph_gate = None  # the MLP gate its graphed forward parked (pronghorn.memory.graph_stash)
         self.previous = OffloadedActivation._last if link else None
         if link:
             OffloadedActivation._last = weakref.ref(self)
@@ -91,16 +92,7 @@ class OffloadedActivation:
         if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes):
             src = tensor.detach()
             src = src if src.is_contiguous() else src.contiguous()
-            flat = src.view(-1)
-            self._host = [torch.empty(n, dtype=tensor.dtype, device="cpu", pin_memory=True)
-                          for n in _chunk_sizes(flat.numel(), tensor.element_size())]
-            stream = _side_stream(tensor.device, "to_host")
-            stream.wait_stream(torch.cuda.current_stream(tensor.device))
-            with torch.cuda.stream(stream):
-                for host, piece in zip(self._host, flat.split([h.numel() for h in self._host])):
-                    host.copy_(piece, non_blocking=True)
-                self._saved = torch.cuda.Event()
-                self._saved.record(stream)
+            self._host, self._saved = copy_to_host(src)
             _COPYING.hold(src, self._saved, paces_host)
         elif not tensor.is_cuda or keep_on_device:
             # Already in host memory (the "copy" is free), or host memory is nearly full: keep a
@@ -120,18 +112,10 @@ class OffloadedActivation:
         _COPYING.release_finished()  # forward's last copies are done by now; backward needs the memory
         if self._restored is not None or self._host is None:
             return
-        compute = torch.cuda.current_stream(self.device)
         # Allocated from the compute stream, which will use and free it.
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        stream = _side_stream(self.device, "to_device")
-        stream.wait_stream(compute)
-        stream.wait_event(self._saved)  # the host copy may still be on its way (the other direction's stream)
-        with torch.cuda.stream(stream):
-            for host, piece in zip(self._host, out.view(-1).split([h.numel() for h in self._host])):
-                piece.copy_(host, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(stream)
-        out.record_stream(stream)
+        self._ready = copy_to_device(self._host, out, self._saved)
+        out.record_stream(_side_stream(self.device, "to_device"))
         self._restored = out
 
     def prefetch_previous(self) -> None:
@@ -141,6 +125,9 @@ class OffloadedActivation:
         prev = self.previous() if self.previous is not None else None
         if prev is not None and prev.device == self.device:
             prev.prefetch()
+            gate = prev.graph_gate
+            if gate is not None and (self.graph_gate is None or gate.slot is not self.graph_gate.slot):
+                gate.prefetch()  # into the other slot than the one this layer's replay is about to read
             if prev.stash is not None:
                 if prev.stash.late:
                     fetch_later(prev.stash)
@@ -224,6 +211,40 @@ def _chunk_sizes(numel: int, element_size: int) -> list[int]:
 def _pinned_bytes(numel: int, element_size: int) -> int:
     """What the pinned chunks of a tensor really occupy, each rounded up to a power of two."""
     return sum(1 << max(0, (n * element_size - 1).bit_length()) for n in _chunk_sizes(numel, element_size))
+
+
+def copy_to_host(src: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+    """Pinned host chunks of the contiguous device tensor ``src``, filled on the device-to-host stream once the
+    current stream's work so far is done, and the event that marks the copy done. The caller keeps ``src``
+    unchanged until then."""
+    flat = src.view(-1)
+    host = [torch.empty(n, dtype=src.dtype, device="cpu", pin_memory=True)
+            for n in _chunk_sizes(flat.numel(), src.element_size())]
+    stream = _side_stream(src.device, "to_host")
+    stream.wait_stream(torch.cuda.current_stream(src.device))
+    with torch.cuda.stream(stream):
+        for chunk, piece in zip(host, flat.split([h.numel() for h in host])):
+            chunk.copy_(piece, non_blocking=True)
+        saved = torch.cuda.Event()
+        saved.record(stream)
+    return host, saved
+
+
+def copy_to_device(host: list[torch.Tensor], out: torch.Tensor, *after: torch.cuda.Event | None) -> torch.cuda.Event:
+    """Fill the contiguous device tensor ``out`` from the pinned chunks ``host`` on the host-to-device stream,
+    once the current stream's work so far and the ``after`` events are done; returns the event that marks it
+    done."""
+    stream = _side_stream(out.device, "to_device")
+    stream.wait_stream(torch.cuda.current_stream(out.device))
+    for event in after:
+        if event is not None:  # e.g. the copy that filled ``host`` (the other direction's stream)
+            stream.wait_event(event)
+    with torch.cuda.stream(stream):
+        for chunk, piece in zip(host, out.view(-1).split([h.numel() for h in host])):
+            piece.copy_(chunk, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return ready
 
 
 class HostBudget:
@@ -370,7 +391,7 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.others = [None if i == offload_index else a for i, a in enumerate(args)]
         outputs = None
         if stash is None and graphed:
-            outputs = layer_graphs.run_forward(run_function, args, offload_index)
+            outputs, ctx.record.graph_gate = layer_graphs.run_forward(run_function, args, offload_index)
         if outputs is None:
             with active_stash(stash):
                 outputs = run_function(*args)
@@ -391,12 +412,15 @@ class _OffloadedCheckpointFunction(torch.autograd.Function):
         hidden = record.restore()
         record.prefetch_previous()
         args = [hidden if i == ctx.offload_index else a for i, a in enumerate(ctx.others)]
+        gate, record.graph_gate = record.graph_gate, None
         if record.stash is None and layer_graphs.layer_graphs_enabled():
             graphed = layer_graphs.run_backward(ctx.run_function, args, ctx.offload_index, ctx.input_needs_grad,
-                                                ctx.autocast, grad_outputs)
+                                                ctx.autocast, grad_outputs, gate)
             if graphed is not None:
                 ctx.record = ctx.others = ctx.run_function = None
                 return (None, None, None, None, *graphed)
+        if gate is not None:
+            gate.discard()  # an eager recompute computes the gate
         inputs = [a.detach().requires_grad_(needs) if isinstance(a, torch.Tensor) else a
                   for a, needs in zip(args, ctx.input_needs_grad)]
         with dequant_handoff.recompute_to_backward() as handoff:  # 4-bit weights: dequantized once for both

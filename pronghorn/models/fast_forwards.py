@@ -123,7 +123,7 @@ def _gate_up_stash(recompute: bool):
         return None
     if recompute:
         return GateUpStash(outputs=stash.take("mlp"))
-    return GateUpStash(sink=lambda outs: stash.put("mlp", outs))
+    return GateUpStash(sink=lambda outs: stash.put("mlp", outs), into=getattr(stash, "gate_buffer", None))
 
 
 # ---------------------------------------------------------------------------------------- LM head loss

@@ -276,6 +276,43 @@ def test_kernels_match_reference(activation, fused_gate_up):
              _run(lambda t: lora_mlp_reference(t, gate, up, down, activation, **kw), x, holder), torch.float32)
 
 
+@pytest.mark.parametrize("fused_gate_up", [False, True])
+def test_a_stash_with_a_gate_buffer_gets_the_gate_written_there_and_nothing_changes(fused_gate_up):
+    """``GateUpStash.into``: the gate GEMM writes into the caller's buffer (a graphed layer's slot), the sink sees
+    that buffer, and the output and gradients are bit-identical to a plain call."""
+    from pronghorn.kernels.lora.mlp import GateUpStash
+    from pronghorn.kernels.lora.projection import project
+
+    g = torch.Generator().manual_seed(3)
+    width = 2 * 40 if fused_gate_up else 40
+    gate = LoraParts(torch.randn(width, 24, generator=g), (torch.randn(4, 24, generator=g) * 0.2).requires_grad_(),
+                     (torch.randn(width, 4, generator=g) * 0.2).requires_grad_(), 0.5)
+    up = None if fused_gate_up else LoraParts(torch.randn(40, 24, generator=g), None, None, 1.0)
+    down = LoraParts(torch.randn(24, 40, generator=g), (torch.randn(2, 40, generator=g) * 0.2).requires_grad_(),
+                     (torch.randn(24, 2, generator=g) * 0.2).requires_grad_(), 0.5)
+    holder = nn.Module()
+    holder.params = nn.ParameterList([nn.Parameter(t) for p in (gate, down) for t in (p.A, p.B)])
+    gate = gate._replace(A=holder.params[0], B=holder.params[1])
+    down = down._replace(A=holder.params[2], B=holder.params[3])
+    x = torch.randn(2, 3, 24, generator=g)
+    buffer, sunk = torch.full((6, width), float("nan")), []
+
+    def into(shape, dtype, device):
+        assert shape == tuple(buffer.shape) and dtype == buffer.dtype and device == buffer.device
+        return buffer
+
+    stash = GateUpStash(sink=sunk.extend, into=into)
+    kw = dict(fused_gate_up=fused_gate_up)
+    written = _run(lambda t: lora_mlp(t, gate, up, down, "swiglu", stash=stash, **kw), x, holder)
+    assert sunk[0] is buffer
+    plain = _run(lambda t: lora_mlp(t, gate, up, down, "swiglu", **kw), x, holder)
+    torch.testing.assert_close(written, plain, atol=0, rtol=0)
+    biased = LoraParts(gate.weight, None, None, 1.0, torch.randn(width, generator=g))
+    x2 = x.reshape(6, 24)
+    torch.testing.assert_close(project(x2, [biased], [None], torch.float32, [into])[0],
+                               project(x2, [biased], [None], torch.float32)[0], atol=1e-6, rtol=1e-6)
+
+
 def test_qkv_matches_reference_with_different_ranks():
     g = torch.Generator().manual_seed(0)
     holder = nn.Module()

@@ -56,7 +56,8 @@ class LoraMLPFunction(torch.autograd.Function):
         deferred = output_unused and all(t is None for t in taken) and mlp_chunked.applies(in_parts)
         # Outputs taken from this layer's forward (pronghorn.memory.stash) are not computed again.
         to_compute = [] if deferred else [p for p, t in zip(in_parts, taken) if t is None]
-        computed = iter(project(x2, to_compute, [None] * len(to_compute), dtype))  # base outputs only
+        into = [stash.into] + [None] * (len(to_compute) - 1) if stash is not None and stash.into is not None else None
+        computed = iter(project(x2, to_compute, [None] * len(to_compute), dtype, into))  # base outputs only
         outs = [t if t is not None or deferred else next(computed) for t in taken]
         if stash is not None and stash.sink is not None:
             stash.sink(outs)
@@ -168,10 +169,12 @@ def _low_ranks(in_parts, xas, fused, dtype) -> tuple[LowRank | None, LowRank | N
 class GateUpStash(NamedTuple):
     """Gate/up outputs handed between a layer's forward and its backward recompute: ``sink`` receives them in
     forward; ``outputs`` replaces computing them in the recompute, one entry per gate/up projection, None
-    for one to compute (either may be None)."""
+    for one to compute (either may be None); ``into(shape, dtype, device)`` gives the buffer the forward writes the first
+    output (the gate) in, so the sink need not copy it."""
 
     outputs: list | None = None
     sink: Callable[[list], None] | None = None
+    into: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] | None = None
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,

@@ -1,0 +1,167 @@
+"""MLP gates of graphed layers parked in host memory (pronghorn.memory.graph_stash): slots alternate between
+neighbouring layers, the recompute graphs read the gate instead of computing it, and gradients do not change."""
+import pytest
+import torch
+
+from pronghorn.kernels.lora import mlp_chunked, projection
+from pronghorn.memory import graph_stash, layer_graphs
+from pronghorn.memory.recompute import in_backward_recompute
+from pronghorn.memory.stash import STATS
+from tests.memory._util import assert_grads_close, trainable_grads
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    mode, on = layer_graphs._config["mode"], graph_stash.enabled()
+    layer_graphs.reset()
+    yield
+    graph_stash.set_graph_gate_stash(on)
+    layer_graphs.set_layer_graphs(mode)
+    layer_graphs.reset()
+
+
+def test_neighbouring_layers_take_different_slots_and_keep_them():
+    gate = torch.randn(6, 10)
+    stashes = [graph_stash.slot_stash(layer) for layer in (101, 102, 103)]
+    for stash in stashes:
+        stash.put("mlp", [gate, None])
+    first, second, third = (s.slot for s in stashes)
+    assert first is not second and first is third
+    assert graph_stash.slot_stash(102).slot is None  # a new stand-in learns its slot at its first put
+    again = graph_stash.slot_stash(102)
+    again.put("mlp", [gate * 2, None])
+    assert again.slot is second and torch.equal(second.buffer, gate * 2)
+    written = graph_stash.slot_stash(103)  # the forward GEMM writes into the slot: put copies nothing
+    buffer = written.gate_buffer((6, 10), gate.dtype, gate.device)
+    assert buffer is first.buffer
+    buffer.fill_(3.0)
+    written.put("mlp", [buffer, None])
+    assert torch.equal(first.buffer, torch.full((6, 10), 3.0))
+    other_shape = graph_stash.slot_stash(101)
+    other_shape.put("mlp", [torch.ones(3, 10), None])
+    assert other_shape.slot is not first  # one buffer per slot and gate shape
+
+
+def test_the_recompute_takes_the_slot_buffer_for_the_gate_and_computes_the_rest():
+    stash = graph_stash.slot_stash(7)
+    assert not stash.has("mlp") and stash.take("mlp") is None
+    gate, up = torch.randn(4, 6), torch.randn(4, 6)
+    stash.put("mlp", [gate, up])
+    taken = stash.take("mlp")
+    assert taken[0] is stash.slot.buffer and taken[1] is None and torch.equal(taken[0], gate)
+    assert not stash.has("residual")
+    fused = graph_stash.slot_stash(8)  # Phi-3's fused gate_up is one output, parked whole
+    fused.put("mlp", [torch.randn(4, 12)])
+    assert len(fused.take("mlp")) == 1
+
+
+def test_the_switch_and_its_environment_variable():
+    import subprocess
+    import sys
+
+    graph_stash.set_graph_gate_stash(False)
+    assert not graph_stash.enabled()
+    graph_stash.set_graph_gate_stash(True)
+    assert graph_stash.enabled()
+    code = "from pronghorn.memory import graph_stash; print(graph_stash.enabled())"
+    env = {**__import__("os").environ, graph_stash.ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+def _model(path):
+    from pronghorn import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False, use_gradient_checkpointing="unsloth",
+                                             random_state=0)
+    return model.cuda().train()
+
+
+def _step(model, ids):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def _ids(seed):
+    return torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def _replayed(model, parks: bool, steps: int = 4):
+    """Loss and gradients of the last of ``steps`` steps on one batch (captured at the second and third, replayed
+    at the fourth), with graphed layers parking their gates or not."""
+    graph_stash.set_graph_gate_stash(parks)
+    layer_graphs.set_layer_graphs("auto")
+    layer_graphs.reset()
+    for _ in range(steps - 1):
+        _step(model, _ids(0))
+    replays = layer_graphs._state.replays
+    result = _step(model, _ids(0))
+    assert layer_graphs._state.replays > replays
+    return result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family,computed", [("llama", 1), ("phi3", 0)])
+def test_recompute_graphs_read_the_parked_gate_and_give_bit_identical_gradients(family, computed, tmp_path,
+                                                                                 monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.factories import save_tiny
+
+    mlp_chunked.set_chunked_mlp("capture")
+    model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
+    counts = []  # projections each captured recompute computes: up alone (Phi-3's fused gate_up: none)
+    project = projection.project
+
+    def counting(x2, parts, xas, dtype, into=None):
+        if torch.cuda.is_current_stream_capturing() and in_backward_recompute():
+            counts.append(len(parts))
+        return project(x2, parts, xas, dtype, into)
+
+    monkeypatch.setattr("pronghorn.kernels.lora.mlp.project", counting)
+    STATS.clear()
+    parked = _replayed(model, parks=True)
+    assert counts == [computed] * 3, counts
+    assert STATS["graphed gate"]["parked"] >= 3 * 3 and STATS["graphed gate"]["skipped"] == 0
+    counts.clear()
+    computed_again = _replayed(model, parks=False)
+    assert counts == [computed + 1] * 3, counts
+    assert parked[0] == computed_again[0]
+    assert_grads_close(parked[1], computed_again[1], atol=0, rtol=0)
+    layer_graphs.set_layer_graphs("off")
+    eager = _step(model, _ids(0))
+    assert parked[0] == pytest.approx(eager[0], rel=1e-3)
+    assert_grads_close(parked[1], eager[1], atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_a_parked_gate_whose_backward_runs_eagerly_is_dropped_and_the_gradients_stay_right(tmp_path, monkeypatch):
+    """Graphs turned off between forward and backward: the recompute runs eagerly and computes its gate."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from pronghorn.memory import offload
+    from tests.factories import save_tiny
+
+    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    reference = _replayed(model, parks=True)
+    STATS.clear()
+    used = offload.HOST_BUDGET.used
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=_ids(0), labels=_ids(0)).loss  # replayed forwards park their gates
+    assert offload.HOST_BUDGET.used > used and STATS["graphed gate"]["parked"] == 2
+    monkeypatch.setattr(layer_graphs, "mode_allows", lambda function, hidden: False)
+    loss.backward()
+    grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    assert offload.HOST_BUDGET.used == used  # every parked gate gave its host memory back
+    assert loss.item() == pytest.approx(reference[0], rel=1e-3)
+    assert_grads_close(grads, reference[1], atol=2e-4, rtol=2e-2)
