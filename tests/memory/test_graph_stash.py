@@ -9,6 +9,8 @@ from pronghorn.memory.recompute import in_backward_recompute
 from pronghorn.memory.stash import STATS
 from tests.memory._util import assert_grads_close, trainable_grads
 
+pytestmark = pytest.mark.usefixtures("cudnn_attention_at_once")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
@@ -165,3 +167,32 @@ def test_a_parked_gate_whose_backward_runs_eagerly_is_dropped_and_the_gradients_
     assert offload.HOST_BUDGET.used == used  # every parked gate gave its host memory back
     assert loss.item() == pytest.approx(reference[0], rel=1e-3)
     assert_grads_close(grads, reference[1], atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_two_forwards_before_one_backward_each_get_their_own_gates_back(tmp_path):
+    """Preference and RL losses run the model twice before backward: the second forward's replays reuse the
+    slots, so each recompute must read the gate its own forward parked (from host memory)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.factories import save_tiny
+
+    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=3))
+    _replayed(model, parks=True)  # captures every forward and backward graph
+
+    def two_forwards():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=_ids(1), labels=_ids(1)).loss + 0.5 * model(input_ids=_ids(2), labels=_ids(2)).loss
+        loss.backward()
+        grads = trainable_grads(model)
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    STATS.clear()
+    replays = layer_graphs._state.replays
+    parked = two_forwards()
+    assert layer_graphs._state.replays - replays == 12 and STATS["graphed gate"]["parked"] == 6
+    layer_graphs.set_layer_graphs("off")
+    eager = two_forwards()
+    assert parked[0] == pytest.approx(eager[0], rel=1e-3)
+    assert_grads_close(parked[1], eager[1], atol=2e-4, rtol=2e-2)

@@ -22,13 +22,7 @@ def _same_mlp_backward_eagerly():
     mlp_chunked.set_chunked_mlp("capture")
 
 
-@pytest.fixture(autouse=True)
-def _same_attention_kernel_eagerly(monkeypatch):
-    """Graph warm-ups and captures take cuDNN attention at once (pronghorn.nn.attention.graph_capture_calls); eager
-    calls here do too, rather than after CUDNN_AFTER_CALLS calls of a shape, for the same reason as above."""
-    from pronghorn.nn import attention
-
-    monkeypatch.setattr(attention, "CUDNN_AFTER_CALLS", 0)
+pytestmark = pytest.mark.usefixtures("cudnn_attention_at_once")
 
 
 @pytest.fixture(autouse=True)
