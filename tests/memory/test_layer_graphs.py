@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pronghorn.kernels.lora import mlp_chunked
-from pronghorn.memory import layer_graphs
+from pronghorn.memory import graph_stash, layer_graphs
 from pronghorn.memory.layer_graphs import _Ineligible
 from tests.memory._util import assert_grads_close, trainable_grads
 
@@ -16,10 +16,21 @@ from tests.memory._util import assert_grads_close, trainable_grads
 def _same_mlp_backward_eagerly():
     """Captured recomputes use the chunked MLP backward; eager ones here do too, so graphed and eager gradients
     come from the same arithmetic (the chunked backward is checked against the full-width one in
-    tests/kernels/test_lora_mlp_chunked.py)."""
+    tests/kernels/test_lora_mlp_chunked.py). A recompute that reads its parked gate takes the full-width backward,
+    so graphs park no gates here unless a test says so (:func:`parked_gates`)."""
+    parks = graph_stash.enabled()
     mlp_chunked.set_chunked_mlp("always")
+    graph_stash.set_graph_gate_stash(False)
     yield
     mlp_chunked.set_chunked_mlp("capture")
+    graph_stash.set_graph_gate_stash(parks)
+
+
+def _park_gates(on: bool) -> None:
+    """Graphs park their MLP gates (pronghorn.memory.graph_stash) and every MLP backward, graphed or eager, is
+    full-width: bf16 layers take it outside captures and (then) inside them too."""
+    graph_stash.set_graph_gate_stash(on)
+    mlp_chunked.set_chunked_mlp("capture" if on else "always")
 
 
 pytestmark = pytest.mark.usefixtures("cudnn_attention_at_once")
@@ -242,14 +253,16 @@ def _ids(length, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("parks", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
-def test_graphed_layers_give_the_gradients_of_eager_layers_after_weight_updates(family, tmp_path):
+def test_graphed_layers_give_the_gradients_of_eager_layers_after_weight_updates(family, parks, tmp_path):
     """Replays read the weights the optimizer updated (LoRA factors are cast inside the graph) and accumulate
-    micro-batch gradients into ``.grad`` like autograd."""
+    micro-batch gradients into ``.grad`` like autograd, with the MLP gates parked or recomputed."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.factories import save_tiny
 
+    _park_gates(parks)
     model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
     graphed, eager, captured = _graphed_then_eager(model, [_ids(64, s) for s in range(3)], _ids(64, 9))
     assert captured == 6  # forward and backward of each of the 3 layers
@@ -258,11 +271,13 @@ def test_graphed_layers_give_the_gradients_of_eager_layers_after_weight_updates(
 
 @pytest.mark.gpu
 def test_graphs_follow_sequence_length_and_adapter_state(tmp_path):
-    """A new length runs eagerly and then gets graphs of its own; a step with the adapter disabled runs the
-    layers in that state, not the graphs captured with the adapter on."""
+    """A new length runs eagerly and then gets graphs of its own (and gate slots of its own); a step with the
+    adapter disabled runs the layers in that state, not the graphs captured with the adapter on."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.factories import save_tiny
+
+    _park_gates(True)
 
     model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
     batches = [_ids(64, 0), _ids(96, 1), _ids(64, 2), _ids(96, 3), _ids(96, 4)]
