@@ -40,8 +40,9 @@ def label(rec: dict) -> str:
         name += f" (CUDA graphs {rec['cuda_graphs']})"
     if rec.get("offload_embedding") in ("on", "off"):
         name += f" (embeddings {'in host memory' if rec['offload_embedding'] == 'on' else 'on the GPU'})"
-    if rec.get("graph_gates") in ("park", "compute"):
-        name += f" (graphed gates {'parked' if rec['graph_gates'] == 'park' else 'recomputed'})"
+    if rec.get("graph_gates") in ("park", "park-all", "compute"):
+        name += {"park": " (graphed gates parked)", "park-all": " (graphed gates parked, 4-bit too)",
+                 "compute": " (graphed gates recomputed)"}[rec["graph_gates"]]
     return name
 
 

@@ -19,7 +19,8 @@
 #                           +pageable unpinned input batches (any config), e.g. pronghorn+residual+pageable,
 #                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn),
 #                           +embedhost / +embedgpu frozen input embeddings in host memory / on the GPU (pronghorn),
-#                           +parkgates / +computegates graphed layers park their MLP gates / recompute them (pronghorn)
+#                           +parkgates / +computegates graphed layers park their MLP gates / recompute them,
+#                           +parkallgates 4-bit layers park theirs too (pronghorn)
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -111,6 +112,7 @@ for mode in "${MODE_LIST[@]}"; do
           embedgpu) per_run+=(--offload-embedding off) ;;
           parkgates) per_run+=(--graph-gates park) ;;
           computegates) per_run+=(--graph-gates compute) ;;
+          parkallgates) per_run+=(--graph-gates park-all) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done

@@ -16,8 +16,8 @@ replays can only read and write fixed addresses:
   differ (:meth:`ParkedGate.prefetch`), and the replay waits for it on the GPU.
 
 Correctness never depends on the slots alternating, only on those events; alternation lets a copy overlap
-the neighbouring layer's work. Layers holding 4-bit weights keep their chunked MLP backward and park nothing,
-and parked copies take pinned memory from the offloaded layer inputs' budget (where it has no room, the layer's
+the neighbouring layer's work. Layers holding 4-bit weights keep their chunked MLP backward and park nothing
+(unless ``set_graph_gate_stash(True, quantized=True)``), and parked copies take pinned memory from the offloaded layer inputs' budget (where it has no room, the layer's
 recompute computes its gate as usual). ``set_graph_gate_stash(False)`` or ``PRONGHORN_STASH_GRAPHED_GATES=0``
 turns it off.
 """
@@ -31,22 +31,31 @@ import torch
 from pronghorn.memory import offload
 from pronghorn.memory.stash import STATS
 
-__all__ = ["GateSlot", "ParkedGate", "SlotStash", "enabled", "reset", "set_graph_gate_stash", "slot_stash"]
+__all__ = [
+    "GateSlot", "ParkedGate", "SlotStash", "enabled", "parks_quantized", "reset", "set_graph_gate_stash", "slot_stash",
+]
 
 ENV = "PRONGHORN_STASH_GRAPHED_GATES"
 SLOTS = 2  # a layer's gate copies overlap the work of the next layer, which uses the other slot
 
-_config = {"on": os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")}
+_WORD = os.environ.get(ENV, "1").strip().lower()
+_config = {"on": _WORD not in ("0", "false", "no", "off"), "quantized": _WORD == "all"}
 
 
-def set_graph_gate_stash(on: bool) -> None:
-    """Park (True, the default) or recompute (False) the MLP gate outputs of graphed layers. Graphs captured
-    before keep what they were captured with; :func:`pronghorn.memory.layer_graphs.reset` drops them."""
-    _config["on"] = bool(on)
+def set_graph_gate_stash(on: bool, quantized: bool = False) -> None:
+    """Park (True, the default) or recompute (False) the MLP gate outputs of graphed layers; ``quantized``: those
+    of layers holding 4-bit weights too (experimental: their recompute then gives up its chunked MLP backward).
+    ``PRONGHORN_STASH_GRAPHED_GATES`` (0 or ``all``) sets it at import. Graphs captured before keep what they
+    were captured with; :func:`pronghorn.memory.layer_graphs.reset` drops them."""
+    _config.update(on=bool(on), quantized=bool(on and quantized))
 
 
 def enabled() -> bool:
     return _config["on"]
+
+
+def parks_quantized() -> bool:
+    return _config["quantized"]
 
 
 class GateSlot:

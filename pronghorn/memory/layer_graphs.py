@@ -208,9 +208,9 @@ def _holds_4bit(layer: nn.Module) -> bool:
 
 
 def _parks_gate(layer: nn.Module) -> bool:
-    """Whether this layer's graphs hand its MLP gate from forward to recompute (:mod:`.graph_stash`); a 4-bit
-    layer's recompute leaves gate and up to its chunked backward instead."""
-    return graph_stash.enabled() and not _holds_4bit(layer)
+    """Whether this layer's graphs hand its MLP gate from forward to recompute (:mod:`.graph_stash`); by default a
+    4-bit layer's recompute leaves gate and up to its chunked backward instead."""
+    return graph_stash.enabled() and (graph_stash.parks_quantized() or not _holds_4bit(layer))
 
 
 def _check_layer(layer: nn.Module) -> list[nn.Parameter]:

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.usefixtures("cudnn_attention_at_once")
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
-    mode, on = layer_graphs._config["mode"], graph_stash.enabled()
+    mode, on, quantized = layer_graphs._config["mode"], graph_stash.enabled(), graph_stash.parks_quantized()
     layer_graphs.reset()
     yield
-    graph_stash.set_graph_gate_stash(on)
+    graph_stash.set_graph_gate_stash(on, quantized)
     layer_graphs.set_layer_graphs(mode)
     layer_graphs.reset()
 
@@ -64,20 +64,24 @@ def test_the_switch_and_its_environment_variable():
     graph_stash.set_graph_gate_stash(False)
     assert not graph_stash.enabled()
     graph_stash.set_graph_gate_stash(True)
-    assert graph_stash.enabled()
-    code = "from pronghorn.memory import graph_stash; print(graph_stash.enabled())"
-    env = {**__import__("os").environ, graph_stash.ENV: "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert graph_stash.enabled() and not graph_stash.parks_quantized()
+    graph_stash.set_graph_gate_stash(False, quantized=True)
+    assert not graph_stash.parks_quantized()
+    code = "from pronghorn.memory import graph_stash as g; print(g.enabled(), g.parks_quantized())"
+    for word, expected in [("0", "False False"), ("all", "True True"), ("1", "True False")]:
+        env = {**__import__("os").environ, graph_stash.ENV: word}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, word
 
 
 # ------------------------------------------------------------------------------------------------- GPU
 
 
-def _model(path):
+def _model(path, quantized=False):
     from pronghorn import FastLanguageModel
 
-    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, dtype=torch.bfloat16)
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, dtype=torch.bfloat16,
+                                                 load_in_4bit=quantized)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules="all-linear",
                                              init_lora_weights=False, use_gradient_checkpointing="unsloth",
                                              random_state=0)
@@ -97,10 +101,10 @@ def _ids(seed):
     return torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(seed)).cuda()
 
 
-def _replayed(model, parks: bool, steps: int = 4):
+def _replayed(model, parks: bool, steps: int = 4, quantized: bool = False):
     """Loss and gradients of the last of ``steps`` steps on one batch (captured at the second and third, replayed
-    at the fourth), with graphed layers parking their gates or not."""
-    graph_stash.set_graph_gate_stash(parks)
+    at the fourth), with graphed layers parking their gates or not (``quantized``: 4-bit layers too)."""
+    graph_stash.set_graph_gate_stash(parks, quantized)
     layer_graphs.set_layer_graphs("auto")
     layer_graphs.reset()
     for _ in range(steps - 1):
@@ -194,5 +198,24 @@ def test_two_forwards_before_one_backward_each_get_their_own_gates_back(tmp_path
     assert layer_graphs._state.replays - replays == 12 and STATS["graphed gate"]["parked"] == 6
     layer_graphs.set_layer_graphs("off")
     eager = two_forwards()
+    assert parked[0] == pytest.approx(eager[0], rel=1e-3)
+    assert_grads_close(parked[1], eager[1], atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_4bit_layers_park_their_gates_only_when_asked_and_give_eager_gradients(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    from tests.factories import save_tiny
+
+    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
+    STATS.clear()
+    _replayed(model, parks=True)
+    assert STATS["graphed gate"]["parked"] == 0  # by default 4-bit layers keep their chunked MLP backward
+    parked = _replayed(model, parks=True, quantized=True)
+    assert STATS["graphed gate"]["parked"] >= 2 * 2
+    layer_graphs.set_layer_graphs("off")  # eager layers outside captures take the full-width backward too
+    eager = _step(model, _ids(0))
     assert parked[0] == pytest.approx(eager[0], rel=1e-3)
     assert_grads_close(parked[1], eager[1], atol=2e-4, rtol=2e-2)
