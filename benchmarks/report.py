@@ -40,9 +40,9 @@ def label(rec: dict) -> str:
         name += f" (CUDA graphs {rec['cuda_graphs']})"
     if rec.get("offload_embedding") in ("on", "off"):
         name += f" (embeddings {'in host memory' if rec['offload_embedding'] == 'on' else 'on the GPU'})"
-    if rec.get("graph_gates") in ("park", "park-all", "compute"):
-        name += {"park": " (graphed gates parked)", "park-all": " (graphed gates parked, 4-bit too)",
-                 "compute": " (graphed gates recomputed)"}[rec["graph_gates"]]
+    gates = {"park": " (graphed gates parked)", "park-float": " (graphed gates parked, not 4-bit ones)",
+             "compute": " (graphed gates recomputed)"}
+    name += gates.get(rec.get("graph_gates"), "")
     return name
 
 

@@ -20,7 +20,7 @@
 #                           +graphs / +eager CUDA graphs of checkpointed layers on / off (pronghorn),
 #                           +embedhost / +embedgpu frozen input embeddings in host memory / on the GPU (pronghorn),
 #                           +parkgates / +computegates graphed layers park their MLP gates / recompute them,
-#                           +parkallgates 4-bit layers park theirs too (pronghorn)
+#                           +parkfloatgates only layers without 4-bit weights park theirs (pronghorn)
 #   --gc LIST               use_gradient_checkpointing variants for unsloth/pronghorn: unsloth,true [unsloth]
 #   --batch-size N --seq-len N --warmup N --steps N   workload [2, 2048, 5, 8]
 #   --timeout S             per-configuration limit in seconds [150]
@@ -112,7 +112,7 @@ for mode in "${MODE_LIST[@]}"; do
           embedgpu) per_run+=(--offload-embedding off) ;;
           parkgates) per_run+=(--graph-gates park) ;;
           computegates) per_run+=(--graph-gates compute) ;;
-          parkallgates) per_run+=(--graph-gates park-all) ;;
+          parkfloatgates) per_run+=(--graph-gates park-float) ;;
           *) log "unknown config suffix +$suffix in $config"; exit 2 ;;
         esac
       done

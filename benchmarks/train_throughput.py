@@ -68,10 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graphs", choices=["default", "on", "off"], default="default",
                    help="pronghorn only: replay checkpointed layers as CUDA graphs (on), run them eagerly (off), "
                         "or leave the library's default")
-    p.add_argument("--graph-gates", choices=["default", "park", "park-all", "compute"], default="default",
+    p.add_argument("--graph-gates", choices=["default", "park", "park-float", "compute"], default="default",
                    help="pronghorn only: graphed layers park their MLP gate outputs in host memory so the recompute "
-                        "skips the gate GEMM (park; park-all: 4-bit layers too), recompute them (compute), or leave "
-                        "the library's default")
+                        "skips the gate GEMM (park; park-float: not those of 4-bit layers), recompute them "
+                        "(compute), or leave the library's default")
     p.add_argument("--offload-embedding", choices=["default", "on", "off"], default="default",
                    help="pronghorn only: keep the frozen input embedding table in pinned host memory (on), on "
                         "the GPU (off), or leave the library's default")
@@ -174,7 +174,7 @@ def load_pronghorn(args, shape, model_dir, seq_len):
     if args.graph_gates != "default":
         from pronghorn.memory.graph_stash import set_graph_gate_stash
 
-        set_graph_gate_stash(args.graph_gates != "compute", quantized=args.graph_gates == "park-all")
+        set_graph_gate_stash(args.graph_gates != "compute", quantized=args.graph_gates != "park-float")
     extra = {} if args.offload_embedding == "default" else {"offload_embedding": args.offload_embedding == "on"}
     return _fast_language_model_peft(FastLanguageModel, args, model_dir, seq_len, extra=extra)
 

@@ -28,6 +28,9 @@ What keeps a replay equal to running the layer:
 - LoRA factors are read from the step's cast cache, which refreshes the buffers a graph reads every step and
   keeps them until the graphs are dropped (:func:`pronghorn.kernels.lora.cast_cache.graph_reads`); autocast's
   weight cache is off while capturing.
+- A forward graph writes the layer's MLP gate into a slot, from which it goes to host memory and comes back for
+  the recompute graph, which then skips the gate GEMM (:mod:`pronghorn.memory.graph_stash`; its recompute then
+  takes the full-width MLP backward, also over a 4-bit base).
 
 A call is graphed only where replaying cannot differ from running: CUDA tensors, no dropout, no stash, no
 gradient hooks on the layer's parameters, no distributed training, arguments that are tensors or plain values,
@@ -208,8 +211,7 @@ def _holds_4bit(layer: nn.Module) -> bool:
 
 
 def _parks_gate(layer: nn.Module) -> bool:
-    """Whether this layer's graphs hand its MLP gate from forward to recompute (:mod:`.graph_stash`); by default a
-    4-bit layer's recompute leaves gate and up to its chunked backward instead."""
+    """Whether this layer's graphs hand its MLP gate from forward to recompute (:mod:`.graph_stash`)."""
     return graph_stash.enabled() and (graph_stash.parks_quantized() or not _holds_4bit(layer))
 
 

@@ -64,11 +64,11 @@ def test_the_switch_and_its_environment_variable():
     graph_stash.set_graph_gate_stash(False)
     assert not graph_stash.enabled()
     graph_stash.set_graph_gate_stash(True)
-    assert graph_stash.enabled() and not graph_stash.parks_quantized()
-    graph_stash.set_graph_gate_stash(False, quantized=True)
+    assert graph_stash.enabled() and graph_stash.parks_quantized()
+    graph_stash.set_graph_gate_stash(False)
     assert not graph_stash.parks_quantized()
     code = "from pronghorn.memory import graph_stash as g; print(g.enabled(), g.parks_quantized())"
-    for word, expected in [("0", "False False"), ("all", "True True"), ("1", "True False")]:
+    for word, expected in [("0", "False False"), ("float", "True False"), ("1", "True True")]:
         env = {**__import__("os").environ, graph_stash.ENV: word}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, word
@@ -101,7 +101,7 @@ def _ids(seed):
     return torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(seed)).cuda()
 
 
-def _replayed(model, parks: bool, steps: int = 4, quantized: bool = False):
+def _replayed(model, parks: bool, steps: int = 4, quantized: bool = True):
     """Loss and gradients of the last of ``steps`` steps on one batch (captured at the second and third, replayed
     at the fourth), with graphed layers parking their gates or not (``quantized``: 4-bit layers too)."""
     graph_stash.set_graph_gate_stash(parks, quantized)
@@ -203,7 +203,7 @@ def test_two_forwards_before_one_backward_each_get_their_own_gates_back(tmp_path
 
 
 @pytest.mark.gpu
-def test_4bit_layers_park_their_gates_only_when_asked_and_give_eager_gradients(tmp_path):
+def test_4bit_layers_park_their_gates_unless_told_not_to_and_give_eager_gradients(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("bitsandbytes")
@@ -211,9 +211,9 @@ def test_4bit_layers_park_their_gates_only_when_asked_and_give_eager_gradients(t
 
     model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
     STATS.clear()
-    _replayed(model, parks=True)
-    assert STATS["graphed gate"]["parked"] == 0  # by default 4-bit layers keep their chunked MLP backward
-    parked = _replayed(model, parks=True, quantized=True)
+    _replayed(model, parks=True, quantized=False)
+    assert STATS["graphed gate"]["parked"] == 0  # 4-bit layers then keep their chunked MLP backward
+    parked = _replayed(model, parks=True)
     assert STATS["graphed gate"]["parked"] >= 2 * 2
     layer_graphs.set_layer_graphs("off")  # eager layers outside captures take the full-width backward too
     eager = _step(model, _ids(0))

@@ -18,12 +18,12 @@ def _same_mlp_backward_eagerly():
     come from the same arithmetic (the chunked backward is checked against the full-width one in
     tests/kernels/test_lora_mlp_chunked.py). A recompute that reads its parked gate takes the full-width backward,
     so graphs park no gates here unless a test says so (:func:`parked_gates`)."""
-    parks = graph_stash.enabled()
+    parks = graph_stash.enabled(), graph_stash.parks_quantized()
     mlp_chunked.set_chunked_mlp("always")
     graph_stash.set_graph_gate_stash(False)
     yield
     mlp_chunked.set_chunked_mlp("capture")
-    graph_stash.set_graph_gate_stash(parks)
+    graph_stash.set_graph_gate_stash(*parks)
 
 
 def _park_gates(on: bool) -> None:
