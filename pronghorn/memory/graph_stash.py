@@ -7,8 +7,8 @@ that run without graphs. This module does it for graphed layers (:mod:`pronghorn
 replays can only read and write fixed addresses:
 
 - Every graphed layer owns one of two **slots**, device buffers of the gate's shape, taken in turn in the order
-  the layers are first captured, so neighbouring layers use different slots. Its forward graph copies the gate
-  into its slot and its recompute graph reads (and, in the MLP backward, overwrites) the gate there.
+  the layers are first captured, so neighbouring layers use different slots. Its forward graph's gate GEMM writes
+  into its slot, and its recompute graph reads (and, in the MLP backward, overwrites) the gate there.
 - After a forward replay the slot is copied to pinned host memory on the device-to-host stream
   (:class:`ParkedGate`). The next forward replay that writes the slot waits for that copy on the GPU; the host
   never waits.
@@ -17,13 +17,14 @@ replays can only read and write fixed addresses:
 
 Correctness never depends on the slots alternating, only on those events; alternation lets a copy overlap
 the neighbouring layer's work. A recompute that reads its gate takes the full-width MLP backward, also over a
-4-bit base, where it would otherwise be chunked (:mod:`pronghorn.kernels.lora.mlp_chunked`). Parked copies take pinned memory from the offloaded layer inputs' budget (where it has no room, the layer's
-recompute computes its gate as usual).
+4-bit base, where it would otherwise be chunked (:mod:`pronghorn.kernels.lora.mlp_chunked`). Parked copies take
+pinned memory from the offloaded layer inputs' budget (where it has no room, the layer's recompute computes its
+gate as usual).
 
 Measured on an H100 with Llama-3.1-8B at 2 x 2048 tokens (benchmarks/results/2026-11-23-graph-gate-stash.md):
 bf16 steps 4.8% faster (12,925 vs 12,328 tokens/s) at a 0.11 GiB higher peak (16.59 GiB), QLoRA steps 8.7%
-faster (12,207 vs 11,235) at a 0.48 GiB higher peak (7.19 GiB; Unsloth's is 7.67). ``set_graph_gate_stash(False)`` or ``PRONGHORN_STASH_GRAPHED_GATES=0``
-turns it off.
+faster (12,207 vs 11,235) at a 0.48 GiB higher peak (7.19 GiB; Unsloth's is 7.67).
+``set_graph_gate_stash(False)`` or ``PRONGHORN_STASH_GRAPHED_GATES=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -100,31 +101,43 @@ def reset() -> None:
 
 
 class SlotStash:
-    """Stands in for :class:`pronghorn.memory.stash.LayerStash` while a graphed layer is captured: the forward
-    copies its gate into the layer's slot (:meth:`put`), the recompute takes it from there (:meth:`take`)."""
+    """Stands in for :class:`pronghorn.memory.stash.LayerStash` while a graphed layer is captured: the forward's
+    gate GEMM writes into the layer's slot (:meth:`gate_buffer`, :meth:`put`), the recompute takes it from there
+    (:meth:`take`). A layer whose MLP runs more than once per call (the tiled MLP, one call per token tile) parks
+    nothing: one slot holds one gate."""
 
     residual, late = False, False
 
-    def __init__(self, layer_id: int, slot: GateSlot | None = None, count: int = 0):
-        self.layer_id, self.slot, self.count = layer_id, slot, count
+    def __init__(self, layer_id: int):
+        self.layer_id, self.slot, self.count = layer_id, None, 0
+        self.puts = 0  # MLP calls seen, over the capture's warm-up and the capture itself
+        self.tiled = False
         self.mlp = True
 
-    def gate_buffer(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The slot buffer the forward's gate GEMM writes in (see ``GateUpStash.into``)."""
+    def gate_buffer(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The slot buffer the forward's gate GEMM writes in (see ``GateUpStash.into``); None once the layer has
+        shown itself tiled."""
+        if self.tiled or self.puts:
+            return None
         if self.slot is None:
             self.slot = _slots.get(self.layer_id, shape, dtype, device)
         return self.slot.buffer
 
     def put(self, name: str, tensors: list[torch.Tensor]) -> None:
+        self.puts += 1
         gate = tensors[0]
         if self.slot is None:
             self.slot = _slots.get(self.layer_id, gate.shape, gate.dtype, gate.device)
         self.count = len(tensors)
-        if gate.data_ptr() != self.slot.buffer.data_ptr():  # written there by the GEMM already, or copied now
-            self.slot.buffer.copy_(gate)
+        if gate.data_ptr() != self.slot.buffer.data_ptr():
+            self.tiled = True  # a second call's gate (the first one's GEMM wrote into the slot)
+
+    def end_call(self) -> None:
+        """One run of the layer (the warm-up, or the capture) is over: the next one starts counting again."""
+        self.puts = 0
 
     def has(self, name: str) -> bool:
-        return name == "mlp" and self.slot is not None
+        return name == "mlp" and self.slot is not None and not self.tiled
 
     def take(self, name: str) -> list[torch.Tensor | None] | None:
         if not self.has(name):
@@ -148,7 +161,7 @@ class ParkedGate:
         self._bytes = offload._pinned_bytes(buffer.numel(), buffer.element_size())
         self._host: list[torch.Tensor] | None = None
         self._ready: torch.cuda.Event | None = None
-        self.parked = offload.HOST_BUDGET.take(self._bytes)
+        self.parked = offload.HOST_BUDGET.take(self._bytes, spare=True)
         STATS["graphed gate"]["parked" if self.parked else "skipped"] += 1
         if self.parked:
             self._host, self.slot.copied_out = offload.copy_to_host(buffer)

@@ -332,7 +332,7 @@ class _Graph:
     def __init__(self, graph, inputs, outputs=(), single=True, grad_out=None, grad_in=None, param_grads=None,
                  gate: graph_stash.SlotStash | None = None):
         self.graph = graph
-        self.gate = gate if gate is not None and gate.slot is not None else None  # forward: the slot it fills
+        self.gate = gate if gate is not None and gate.has("mlp") else None  # forward: the slot it fills
         self.inputs = inputs  # [(static buffer, copy every call)] in the order of the call's tensors
         self.outputs, self.single = list(outputs), single  # forward: static output buffers
         self.grad_out, self.grad_in = grad_out, grad_in
@@ -505,6 +505,8 @@ def _capture_forward(key, function, spec, tensors, hidden, autocast, parks: bool
     def body(warm: bool) -> None:
         with _autocast(hidden.device, autocast), _casts(warm), active_stash(gate):
             outs, made["single"] = _outputs(call(*call_args))
+        if gate is not None:
+            gate.end_call()
         made["outputs"] = [None if o is None else _buffer(("out", i), o) for i, o in enumerate(outs)]
         for s, o in zip(made["outputs"], outs):
             if s is not None:

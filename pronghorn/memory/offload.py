@@ -89,7 +89,8 @@ class OffloadedActivation:
         self._source: torch.Tensor | None = None
         self._saved: torch.cuda.Event | None = None
         self._host_bytes = _pinned_bytes(tensor.numel(), tensor.element_size())
-        if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes):
+        self._layer_input = link
+        if tensor.is_cuda and HOST_BUDGET.take(self._host_bytes, spare=not link, layer_input=link):
             src = tensor.detach()
             src = src if src.is_contiguous() else src.contiguous()
             self._host, self._saved = copy_to_host(src)
@@ -152,7 +153,7 @@ class OffloadedActivation:
     def _release_host(self) -> None:
         if self._host is not None:
             self._host = None
-            HOST_BUDGET.give(self._host_bytes)
+            HOST_BUDGET.give(self._host_bytes, layer_input=self._layer_input)
 
     def __del__(self):  # a forward whose backward never ran still returns its share of the budget
         self._release_host()
@@ -256,23 +257,35 @@ class HostBudget:
     layer inputs outgrow host RAM (350K tokens of an 8B model: 92 GB); pinning past it gets the process
     killed by the OS while the GPU may still have room, so the layers beyond the budget keep their
     inputs on the GPU.
+
+    Layer inputs come first: an activation that the recompute could compute instead (a parked MLP gate) takes
+    bytes only where the rest of the forward's layer inputs, as many bytes as the largest forward so far has
+    offloaded, still fit (``spare=True``).
     """
 
     def __init__(self):
         self.limit: int | None = None
         self.used = 0
+        self.inputs = 0  # bytes of layer inputs held now
+        self.inputs_peak = 0  # the most layer-input bytes held at once so far
 
-    def take(self, nbytes: int) -> bool:
+    def take(self, nbytes: int, spare: bool = False, layer_input: bool = False) -> bool:
         if self.limit is None:
             avail = available_host_bytes()
             self.limit = -1 if avail is None else max(0, avail - host_reserve_bytes())
-        if self.limit >= 0 and self.used + nbytes > self.limit:
+        wanted = nbytes + (max(0, self.inputs_peak - self.inputs) if spare else 0)
+        if self.limit >= 0 and self.used + wanted > self.limit:
             return False
         self.used += nbytes
+        if layer_input:
+            self.inputs += nbytes
+            self.inputs_peak = max(self.inputs_peak, self.inputs)
         return True
 
-    def give(self, nbytes: int) -> None:
+    def give(self, nbytes: int, layer_input: bool = False) -> None:
         self.used -= nbytes
+        if layer_input:
+            self.inputs -= nbytes
 
 
 HOST_BUDGET = HostBudget()

@@ -242,6 +242,27 @@ def test_host_budget_keeps_layers_on_device_once_host_memory_is_spoken_for(monke
     assert unknown.take(10**15)
 
 
+def test_spare_activations_leave_room_for_the_rest_of_a_forwards_layer_inputs(monkeypatch):
+    """A parked gate (``spare``) never takes host memory that a later layer input of the forward will need: as
+    many bytes as the largest forward so far has held in layer inputs."""
+    from pronghorn.memory import offload
+
+    budget = offload.HostBudget()
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: offload.host_reserve_bytes() + 1000)
+    for _ in range(4):  # a first forward (no gates yet): 4 layer inputs of 100 bytes
+        assert budget.take(100, layer_input=True)
+    for _ in range(4):
+        budget.give(100, layer_input=True)
+    assert budget.inputs == 0 and budget.inputs_peak == 400
+    assert budget.take(100, layer_input=True)
+    assert budget.take(300, spare=True)  # 100 + 300 used, 300 more of inputs to come: 700 <= 1000
+    assert not budget.take(400, spare=True)  # would leave the remaining inputs 200 of their 300
+    assert budget.take(400)  # a layer input is not held back by the reserve
+    assert not budget.take(1, spare=True)
+    budget.give(300)
+    assert budget.used == 500 and budget.inputs == 100
+
+
 def test_host_chunks_cover_the_tensor_and_count_rounded_bytes():
     from pronghorn.memory import offload
 

@@ -7,7 +7,12 @@ from pronghorn.kernels.lora import mlp_chunked, projection
 from pronghorn.memory import graph_stash, layer_graphs
 from pronghorn.memory.recompute import in_backward_recompute
 from pronghorn.memory.stash import STATS
-from tests.memory._util import assert_grads_close, trainable_grads
+from tests.memory._util import (
+    assert_grads_close,
+    cuda_ids,
+    offloaded_lora_model,
+    trainable_grads,
+)
 
 pytestmark = pytest.mark.usefixtures("cudnn_attention_at_once")
 
@@ -22,25 +27,29 @@ def _fresh_state():
     layer_graphs.reset()
 
 
+def _call(stash, gates, extra=(None,)):
+    """One run of a layer's MLP (or of several, tiled): each gate GEMM writes where the stash says."""
+    for gate in gates:
+        buffer = stash.gate_buffer(tuple(gate.shape), gate.dtype, gate.device)
+        if buffer is not None:
+            buffer.copy_(gate)
+        stash.put("mlp", [gate if buffer is None else buffer, *extra])
+    stash.end_call()
+
+
 def test_neighbouring_layers_take_different_slots_and_keep_them():
     gate = torch.randn(6, 10)
     stashes = [graph_stash.slot_stash(layer) for layer in (101, 102, 103)]
     for stash in stashes:
-        stash.put("mlp", [gate, None])
+        _call(stash, [gate])
     first, second, third = (s.slot for s in stashes)
     assert first is not second and first is third
-    assert graph_stash.slot_stash(102).slot is None  # a new stand-in learns its slot at its first put
+    assert graph_stash.slot_stash(102).slot is None  # a new stand-in learns its slot from its first gate
     again = graph_stash.slot_stash(102)
-    again.put("mlp", [gate * 2, None])
+    _call(again, [gate * 2])
     assert again.slot is second and torch.equal(second.buffer, gate * 2)
-    written = graph_stash.slot_stash(103)  # the forward GEMM writes into the slot: put copies nothing
-    buffer = written.gate_buffer((6, 10), gate.dtype, gate.device)
-    assert buffer is first.buffer
-    buffer.fill_(3.0)
-    written.put("mlp", [buffer, None])
-    assert torch.equal(first.buffer, torch.full((6, 10), 3.0))
     other_shape = graph_stash.slot_stash(101)
-    other_shape.put("mlp", [torch.ones(3, 10), None])
+    _call(other_shape, [torch.ones(3, 10)])
     assert other_shape.slot is not first  # one buffer per slot and gate shape
 
 
@@ -48,13 +57,29 @@ def test_the_recompute_takes_the_slot_buffer_for_the_gate_and_computes_the_rest(
     stash = graph_stash.slot_stash(7)
     assert not stash.has("mlp") and stash.take("mlp") is None
     gate, up = torch.randn(4, 6), torch.randn(4, 6)
-    stash.put("mlp", [gate, up])
+    for _ in range(2):  # the capture's warm-up, then the capture
+        _call(stash, [gate], extra=(up,))
     taken = stash.take("mlp")
     assert taken[0] is stash.slot.buffer and taken[1] is None and torch.equal(taken[0], gate)
     assert not stash.has("residual")
     fused = graph_stash.slot_stash(8)  # Phi-3's fused gate_up is one output, parked whole
-    fused.put("mlp", [torch.randn(4, 12)])
+    _call(fused, [torch.randn(4, 12)], extra=())
     assert len(fused.take("mlp")) == 1
+
+
+def test_a_tiled_mlp_parks_nothing():
+    """The tiled MLP runs once per token tile; one slot cannot hold every tile's gate, so the later tiles compute
+    into their own tensors and the layer parks nothing (its recompute computes the gate)."""
+    stash = graph_stash.slot_stash(9)
+    tiles = [torch.randn(4, 6), torch.randn(4, 6), torch.randn(2, 6)]
+    buffers = []
+    for tile in tiles:
+        buffers.append(stash.gate_buffer(tuple(tile.shape), tile.dtype, tile.device))
+        stash.put("mlp", [tile if buffers[-1] is None else buffers[-1], None])
+    assert buffers[0] is stash.slot.buffer and buffers[1:] == [None, None]
+    assert not stash.has("mlp") and stash.take("mlp") is None
+    stash.end_call()
+    assert stash.gate_buffer((4, 6), torch.float32, torch.device("cpu")) is None  # nor in the capture after it
 
 
 def test_the_switch_and_its_environment_variable():
@@ -77,17 +102,6 @@ def test_the_switch_and_its_environment_variable():
 # ------------------------------------------------------------------------------------------------- GPU
 
 
-def _model(path, quantized=False):
-    from pronghorn import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, dtype=torch.bfloat16,
-                                                 load_in_4bit=quantized)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules="all-linear",
-                                             init_lora_weights=False, use_gradient_checkpointing="unsloth",
-                                             random_state=0)
-    return model.cuda().train()
-
-
 def _step(model, ids):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
@@ -97,10 +111,6 @@ def _step(model, ids):
     return loss.item(), grads
 
 
-def _ids(seed):
-    return torch.randint(5, 500, (2, 64), generator=torch.Generator().manual_seed(seed)).cuda()
-
-
 def _replayed(model, parks: bool, steps: int = 4, quantized: bool = True):
     """Loss and gradients of the last of ``steps`` steps on one batch (captured at the second and third, replayed
     at the fourth), with graphed layers parking their gates or not (``quantized``: 4-bit layers too)."""
@@ -108,9 +118,9 @@ def _replayed(model, parks: bool, steps: int = 4, quantized: bool = True):
     layer_graphs.set_layer_graphs("auto")
     layer_graphs.reset()
     for _ in range(steps - 1):
-        _step(model, _ids(0))
+        _step(model, cuda_ids(64, 0))
     replays = layer_graphs._state.replays
-    result = _step(model, _ids(0))
+    result = _step(model, cuda_ids(64, 0))
     assert layer_graphs._state.replays > replays
     return result
 
@@ -124,7 +134,7 @@ def test_recompute_graphs_read_the_parked_gate_and_give_bit_identical_gradients(
     from tests.factories import save_tiny
 
     mlp_chunked.set_chunked_mlp("capture")
-    model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
+    model = offloaded_lora_model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
     counts = []  # projections each captured recompute computes: up alone (Phi-3's fused gate_up: none)
     project = projection.project
 
@@ -144,7 +154,7 @@ def test_recompute_graphs_read_the_parked_gate_and_give_bit_identical_gradients(
     assert parked[0] == computed_again[0]
     assert_grads_close(parked[1], computed_again[1], atol=0, rtol=0)
     layer_graphs.set_layer_graphs("off")
-    eager = _step(model, _ids(0))
+    eager = _step(model, cuda_ids(64, 0))
     assert parked[0] == pytest.approx(eager[0], rel=1e-3)
     assert_grads_close(parked[1], eager[1], atol=2e-4, rtol=2e-2)
 
@@ -157,12 +167,12 @@ def test_a_parked_gate_whose_backward_runs_eagerly_is_dropped_and_the_gradients_
     from pronghorn.memory import offload
     from tests.factories import save_tiny
 
-    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
     reference = _replayed(model, parks=True)
     STATS.clear()
     used = offload.HOST_BUDGET.used
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(input_ids=_ids(0), labels=_ids(0)).loss  # replayed forwards park their gates
+        loss = model(input_ids=cuda_ids(64, 0), labels=cuda_ids(64, 0)).loss  # replayed forwards park their gates
     assert offload.HOST_BUDGET.used > used and STATS["graphed gate"]["parked"] == 2
     monkeypatch.setattr(layer_graphs, "mode_allows", lambda function, hidden: False)
     loss.backward()
@@ -181,12 +191,13 @@ def test_two_forwards_before_one_backward_each_get_their_own_gates_back(tmp_path
         pytest.skip("needs CUDA")
     from tests.factories import save_tiny
 
-    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=3))
+    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=3))
     _replayed(model, parks=True)  # captures every forward and backward graph
 
     def two_forwards():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=_ids(1), labels=_ids(1)).loss + 0.5 * model(input_ids=_ids(2), labels=_ids(2)).loss
+            first, second = cuda_ids(64, 1), cuda_ids(64, 2)
+            loss = model(input_ids=first, labels=first).loss + 0.5 * model(input_ids=second, labels=second).loss
         loss.backward()
         grads = trainable_grads(model)
         model.zero_grad(set_to_none=True)
@@ -209,13 +220,31 @@ def test_4bit_layers_park_their_gates_unless_told_not_to_and_give_eager_gradient
     pytest.importorskip("bitsandbytes")
     from tests.factories import save_tiny
 
-    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
+    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
     STATS.clear()
     _replayed(model, parks=True, quantized=False)
     assert STATS["graphed gate"]["parked"] == 0  # 4-bit layers then keep their chunked MLP backward
     parked = _replayed(model, parks=True)
     assert STATS["graphed gate"]["parked"] >= 2 * 2
     layer_graphs.set_layer_graphs("off")  # eager layers outside captures take the full-width backward too
-    eager = _step(model, _ids(0))
+    eager = _step(model, cuda_ids(64, 0))
     assert parked[0] == pytest.approx(eager[0], rel=1e-3)
     assert_grads_close(parked[1], eager[1], atol=2e-4, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_a_graphed_tiled_mlp_parks_nothing_and_gives_eager_gradients(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from pronghorn.memory.tiled_mlp import enable_tiled_mlp
+    from tests.factories import save_tiny
+
+    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    enable_tiled_mlp(model, tile_tokens=48)  # 2 x 64 tokens: three tiles per MLP call
+    STATS.clear()
+    tiled = _replayed(model, parks=True)
+    assert STATS["graphed gate"]["parked"] == 0
+    layer_graphs.set_layer_graphs("off")
+    eager = _step(model, cuda_ids(64, 0))
+    assert tiled[0] == pytest.approx(eager[0], rel=1e-3)
+    assert_grads_close(tiled[1], eager[1], atol=2e-4, rtol=2e-2)

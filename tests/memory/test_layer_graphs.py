@@ -9,7 +9,12 @@ from torch import nn
 from pronghorn.kernels.lora import mlp_chunked
 from pronghorn.memory import graph_stash, layer_graphs
 from pronghorn.memory.layer_graphs import _Ineligible
-from tests.memory._util import assert_grads_close, trainable_grads
+from tests.memory._util import (
+    assert_grads_close,
+    cuda_ids,
+    offloaded_lora_model,
+    trainable_grads,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -203,17 +208,6 @@ def test_static_buffers_copy_a_tensor_again_only_when_it_changed():
 # ------------------------------------------------------------------------------------------------- GPU
 
 
-def _model(path, quantized=False):
-    from pronghorn import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, load_in_4bit=quantized,
-                                                 dtype=torch.bfloat16)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules="all-linear",
-                                             init_lora_weights=False, use_gradient_checkpointing="unsloth",
-                                             random_state=0)
-    return model.cuda().train()
-
-
 def _loss_and_grads(model, ids, micro_batches=2):
     """Loss and trainable gradients of ``micro_batches`` accumulated backward passes over ``ids``."""
     for _ in range(micro_batches):
@@ -248,10 +242,6 @@ def _assert_same(graphed, eager):
     assert_grads_close(graphed[1], eager[1], atol=2e-4, rtol=2e-2)
 
 
-def _ids(length, seed):
-    return torch.randint(5, 500, (2, length), generator=torch.Generator().manual_seed(seed)).cuda()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("parks", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
@@ -263,8 +253,8 @@ def test_graphed_layers_give_the_gradients_of_eager_layers_after_weight_updates(
     from tests.factories import save_tiny
 
     _park_gates(parks)
-    model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
-    graphed, eager, captured = _graphed_then_eager(model, [_ids(64, s) for s in range(3)], _ids(64, 9))
+    model = offloaded_lora_model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
+    graphed, eager, captured = _graphed_then_eager(model, [cuda_ids(64, s) for s in range(3)], cuda_ids(64, 9))
     assert captured == 6  # forward and backward of each of the 3 layers
     _assert_same(graphed, eager)
 
@@ -279,16 +269,16 @@ def test_graphs_follow_sequence_length_and_adapter_state(tmp_path):
 
     _park_gates(True)
 
-    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
-    batches = [_ids(64, 0), _ids(96, 1), _ids(64, 2), _ids(96, 3), _ids(96, 4)]
+    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    batches = [cuda_ids(64, 0), cuda_ids(96, 1), cuda_ids(64, 2), cuda_ids(96, 3), cuda_ids(96, 4)]
     layer_graphs.set_layer_graphs(True)
-    on = _loss_and_grads(model, _ids(96, 5))[0]
+    on = _loss_and_grads(model, cuda_ids(96, 5))[0]
     with model.disable_adapter():  # eager, captured, replayed: the base model's loss each time
-        off = [_loss_and_grads(model, _ids(96, 5))[0] for _ in range(3)]
+        off = [_loss_and_grads(model, cuda_ids(96, 5))[0] for _ in range(3)]
     assert layer_graphs._state.replays > 0
     assert off[2] == pytest.approx(off[0], rel=1e-3) and off[0] != pytest.approx(on, rel=1e-3)
     layer_graphs.set_layer_graphs(False)
-    graphed, eager, captured = _graphed_then_eager(model, batches, _ids(96, 9))
+    graphed, eager, captured = _graphed_then_eager(model, batches, cuda_ids(96, 9))
     assert captured == 8  # 2 lengths x forward/backward x 2 layers
     _assert_same(graphed, eager)
 
@@ -300,8 +290,8 @@ def test_graphed_qlora_layers_give_the_gradients_of_eager_layers(tmp_path):
     pytest.importorskip("bitsandbytes")
     from tests.factories import save_tiny
 
-    model = _model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
-    graphed, eager, captured = _graphed_then_eager(model, [_ids(64, s) for s in range(3)], _ids(64, 9))
+    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
+    graphed, eager, captured = _graphed_then_eager(model, [cuda_ids(64, s) for s in range(3)], cuda_ids(64, 9))
     assert captured == 4
     _assert_same(graphed, eager)
 
@@ -320,9 +310,9 @@ def test_the_modes_graph_the_layers_they_name(mode, family, quantized, graphs, t
 
     layer_graphs.set_layer_graphs(mode)
     layer_graphs.reset()
-    model = _model(save_tiny(family, tmp_path / family, num_hidden_layers=2), quantized=quantized)
+    model = offloaded_lora_model(save_tiny(family, tmp_path / family, num_hidden_layers=2), quantized=quantized)
     if family == "gemma2" and model.config._attn_implementation != "eager":
         pytest.skip("flash-attn is installed: Gemma 2's softcapping does not need eager attention here")
     for seed in range(3):
-        _loss_and_grads(model, _ids(64, seed), micro_batches=1)
+        _loss_and_grads(model, cuda_ids(64, seed), micro_batches=1)
     assert len(layer_graphs._state.graphs) == graphs

@@ -47,7 +47,8 @@ def test_recompute_takes_the_stash_and_gradients_are_unchanged(family, layers, t
     computed = []  # how many gate/up projections each MLP call computes: all of them, or all but the stashed one
     project = projection.project
     monkeypatch.setattr("pronghorn.kernels.lora.mlp.project",
-                        lambda x2, parts, xas, dtype, into=None: computed.append(len(parts)) or project(x2, parts, xas, dtype, into))
+                        lambda x2, parts, xas, dtype, into=None: computed.append(len(parts))
+                        or project(x2, parts, xas, dtype, into))
     all_of_them = 1 if family == "phi3" else 2  # Phi-3's fused gate_up is one projection, parked whole
     for _ in range(2):  # the second step checks that layer counting restarts with every forward
         computed.clear()

@@ -169,12 +169,12 @@ def _low_ranks(in_parts, xas, fused, dtype) -> tuple[LowRank | None, LowRank | N
 class GateUpStash(NamedTuple):
     """Gate/up outputs handed between a layer's forward and its backward recompute: ``sink`` receives them in
     forward; ``outputs`` replaces computing them in the recompute, one entry per gate/up projection, None
-    for one to compute (either may be None); ``into(shape, dtype, device)`` gives the buffer the forward writes the first
-    output (the gate) in, so the sink need not copy it."""
+    for one to compute (either may be None); ``into(shape, dtype, device)`` gives the buffer the forward writes
+    the first output (the gate) in (None: a new tensor), so the sink need not copy it."""
 
     outputs: list | None = None
     sink: Callable[[list], None] | None = None
-    into: Callable[[tuple, torch.dtype, torch.device], torch.Tensor] | None = None
+    into: Callable[[tuple, torch.dtype, torch.device], torch.Tensor | None] | None = None
 
 
 def lora_mlp(x: torch.Tensor, gate, up, down, activation: str = "swiglu", *,

@@ -72,14 +72,16 @@ def forward_shared(x2: torch.Tensor, parts: list[LoraParts], dtype) -> tuple[lis
 
 def project(x2: torch.Tensor, parts: list[LoraParts], xas: list, dtype, into=None) -> list:
     """Each projection's output ``x W^T + b + s (x A^T) B^T`` from its ``x A^T`` (see :func:`lora_inputs`).
-    ``into``: per projection, None or a function ``(shape, dtype, device) -> tensor``: the buffer to write it in."""
+    ``into``: per projection, None or a function ``(shape, dtype, device) -> tensor or None``: the buffer to write
+    it in."""
     outs = []
     for p, xa, out in zip(parts, xas, into or [None] * len(parts)):
         w = dense_weight(p.weight, dtype)
-        if out is None:
+        buffer = out((x2.shape[0], w.shape[0]), dtype, x2.device) if out is not None else None
+        if buffer is None:
             y = F.linear(x2, w, cast_to(p.bias, dtype))
         else:
-            y = torch.mm(x2, w.t(), out=out((x2.shape[0], w.shape[0]), dtype, x2.device))
+            y = torch.mm(x2, w.t(), out=buffer)
             if p.bias is not None:
                 y.add_(cast_to(p.bias, dtype))
         del w  # a dequantized weight is freed here, before the next projection materialises its own
