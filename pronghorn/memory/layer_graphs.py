@@ -62,6 +62,7 @@ from pronghorn.kernels.lora import cast_cache
 from pronghorn.memory import graph_stash
 from pronghorn.memory.recompute import backward_recompute
 from pronghorn.memory.stash import active_stash
+from pronghorn.memory.tiled_mlp import is_tiled
 from pronghorn.nn.attention import graph_capture_calls
 from pronghorn.nn.positions import holds_one_sequence_per_row, one_sequence_positions
 
@@ -224,6 +225,8 @@ def _check_layer(layer: nn.Module) -> list[nn.Parameter]:
     for p in trainable:
         if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
             raise _Ineligible("a gradient hook on a parameter (a graph adds gradients without running hooks)")
+    if any(is_tiled(m) for m in layer.modules()):
+        raise _Ineligible("a tiled MLP (its backward adds its parameters' gradients to .grad itself)")
     return trainable
 
 

@@ -16,11 +16,19 @@ recomputes the tiles in the same order. Like reentrant checkpointing, parameter 
 from __future__ import annotations
 
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TiledMLPPatch", "enable_tiled_mlp", "tiled_mlp_forward"]
+__all__ = ["TiledMLPPatch", "enable_tiled_mlp", "is_tiled", "tiled_mlp_forward"]
+
+_TILED: weakref.WeakSet = weakref.WeakSet()  # the MLP modules whose forward runs in tiles now
+
+
+def is_tiled(module: torch.nn.Module) -> bool:
+    """Whether :func:`enable_tiled_mlp` rebound ``module``'s forward (and has not reverted it)."""
+    return module in _TILED
 
 
 class _TiledMLPFunction(torch.autograd.Function):
@@ -89,6 +97,7 @@ class TiledMLPPatch:
 
     def revert(self) -> None:
         for module, had_instance_forward, original in self._originals:
+            _TILED.discard(module)
             if had_instance_forward:
                 module.forward = original
             else:
@@ -133,6 +142,7 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int | None = None) -> 
             return tiled_mlp_forward(_original, x, _tile)
 
         mlp.forward = types.MethodType(forward, mlp)
+        _TILED.add(mlp)
         patch.modules.append(f"{name}.mlp")
         patch._originals.append((mlp, had_instance_forward, original))
     if not patch.modules:

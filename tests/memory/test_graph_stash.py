@@ -233,7 +233,7 @@ def test_4bit_layers_park_their_gates_unless_told_not_to_and_give_eager_gradient
 
 
 @pytest.mark.gpu
-def test_a_graphed_tiled_mlp_parks_nothing_and_gives_eager_gradients(tmp_path):
+def test_layers_with_a_tiled_mlp_stay_eager_and_give_eager_gradients(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from pronghorn.memory.tiled_mlp import enable_tiled_mlp
@@ -242,8 +242,12 @@ def test_a_graphed_tiled_mlp_parks_nothing_and_gives_eager_gradients(tmp_path):
     model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
     enable_tiled_mlp(model, tile_tokens=48)  # 2 x 64 tokens: three tiles per MLP call
     STATS.clear()
-    tiled = _replayed(model, parks=True)
-    assert STATS["graphed gate"]["parked"] == 0
+    graph_stash.set_graph_gate_stash(True)
+    layer_graphs.set_layer_graphs("auto")
+    layer_graphs.reset()
+    for _ in range(3):
+        tiled = _step(model, cuda_ids(64, 0))
+    assert layer_graphs._state.replays == 0 and STATS["graphed gate"]["parked"] == 0
     layer_graphs.set_layer_graphs("off")
     eager = _step(model, cuda_ids(64, 0))
     assert tiled[0] == pytest.approx(eager[0], rel=1e-3)

@@ -142,6 +142,22 @@ def test_dropout_and_gradient_hooks_keep_a_layer_eager():
         layer_graphs._check_layer(layer)
 
 
+def test_a_layer_whose_mlp_runs_in_tiles_stays_eager(tmp_path):
+    """The tiled MLP's backward adds its parameters' gradients to ``.grad`` itself, which a graphed backward (it
+    hands gradients over after the replay) would lose."""
+    from pronghorn.memory.tiled_mlp import enable_tiled_mlp
+    from tests.factories import tiny_model
+
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    layer_graphs._check_layer(layer)
+    patch = enable_tiled_mlp(model, tile_tokens=4)
+    with pytest.raises(_Ineligible, match="tiled MLP"):
+        layer_graphs._check_layer(layer)
+    patch.revert()
+    layer_graphs._check_layer(layer)
+
+
 def test_a_layer_with_dropout_is_never_captured_and_runs_eagerly():
     layer = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
     layer_graphs.reset()
