@@ -106,13 +106,12 @@ class SlotStash:
     (:meth:`take`). A layer whose MLP runs more than once per call (the tiled MLP, one call per token tile) parks
     nothing: one slot holds one gate."""
 
-    residual, late = False, False
+    mlp, residual, late = True, False, False
 
     def __init__(self, layer_id: int):
         self.layer_id, self.slot, self.count = layer_id, None, 0
-        self.puts = 0  # MLP calls seen, over the capture's warm-up and the capture itself
+        self.puts = 0  # MLP calls seen in the current run of the layer (the capture's warm-up, or the capture)
         self.tiled = False
-        self.mlp = True
 
     def gate_buffer(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """The slot buffer the forward's gate GEMM writes in (see ``GateUpStash.into``); None once the layer has
@@ -165,13 +164,13 @@ class ParkedGate:
         STATS["graphed gate"]["parked" if self.parked else "skipped"] += 1
         if self.parked:
             self._host, self.slot.copied_out = offload.copy_to_host(buffer)
-            self._saved = self.slot.copied_out
 
     def prefetch(self) -> None:
         """Start copying the gate back into its slot once the current stream's work so far is done (the last
-        replay that read the slot) and the slot's last copy out is (the copy that filled this host memory)."""
+        replay that read the slot) and the slot's last copy out is: on the one device-to-host stream, that copy
+        comes at or after the one that filled this host memory."""
         if self._ready is None and self._host is not None:
-            self._ready = offload.copy_to_device(self._host, self.slot.buffer, self._saved, self.slot.copied_out)
+            self._ready = offload.copy_to_device(self._host, self.slot.buffer, self.slot.copied_out)
 
     def refetch(self) -> None:
         """Copy the gate back again: a capture's warm-up ran the MLP backward, which writes over its slot."""

@@ -16,11 +16,14 @@ def assert_grads_close(actual: dict, expected: dict, atol=1e-5, rtol=1e-5):
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=rtol, msg=name)
 
 
-def offloaded_lora_model(path, quantized: bool = False):
-    """A tiny bf16 (or 4-bit) checkpoint on the GPU with LoRA on every linear layer and offloaded checkpointing,
-    in training mode: what the CUDA-graph tests train."""
+def offloaded_lora_model(tmp_path, family: str, layers: int, quantized: bool = False):
+    """A tiny bf16 (or 4-bit) ``family`` checkpoint of ``layers`` layers, saved under ``tmp_path`` and loaded on the
+    GPU with LoRA on every linear layer and offloaded checkpointing, in training mode: what the CUDA-graph tests
+    train."""
     from pronghorn import FastLanguageModel
+    from tests.factories import save_tiny
 
+    path = save_tiny(family, tmp_path / family, num_hidden_layers=layers)
     model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=128, load_in_4bit=quantized,
                                                  dtype=torch.bfloat16)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules="all-linear",

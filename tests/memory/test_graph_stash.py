@@ -131,10 +131,9 @@ def test_recompute_graphs_read_the_parked_gate_and_give_bit_identical_gradients(
                                                                                  monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.factories import save_tiny
 
     mlp_chunked.set_chunked_mlp("capture")
-    model = offloaded_lora_model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
+    model = offloaded_lora_model(tmp_path, family, 3)
     counts = []  # projections each captured recompute computes: up alone (Phi-3's fused gate_up: none)
     project = projection.project
 
@@ -165,9 +164,8 @@ def test_a_parked_gate_whose_backward_runs_eagerly_is_dropped_and_the_gradients_
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from pronghorn.memory import offload
-    from tests.factories import save_tiny
 
-    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    model = offloaded_lora_model(tmp_path, "llama", 2)
     reference = _replayed(model, parks=True)
     STATS.clear()
     used = offload.HOST_BUDGET.used
@@ -189,9 +187,8 @@ def test_two_forwards_before_one_backward_each_get_their_own_gates_back(tmp_path
     slots, so each recompute must read the gate its own forward parked (from host memory)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.factories import save_tiny
 
-    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=3))
+    model = offloaded_lora_model(tmp_path, "llama", 3)
     _replayed(model, parks=True)  # captures every forward and backward graph
 
     def two_forwards():
@@ -218,9 +215,8 @@ def test_4bit_layers_park_their_gates_unless_told_not_to_and_give_eager_gradient
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("bitsandbytes")
-    from tests.factories import save_tiny
 
-    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
+    model = offloaded_lora_model(tmp_path, "llama", 2, quantized=True)
     STATS.clear()
     _replayed(model, parks=True, quantized=False)
     assert STATS["graphed gate"]["parked"] == 0  # 4-bit layers then keep their chunked MLP backward
@@ -237,9 +233,8 @@ def test_layers_with_a_tiled_mlp_stay_eager_and_give_eager_gradients(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from pronghorn.memory.tiled_mlp import enable_tiled_mlp
-    from tests.factories import save_tiny
 
-    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    model = offloaded_lora_model(tmp_path, "llama", 2)
     enable_tiled_mlp(model, tile_tokens=48)  # 2 x 64 tokens: three tiles per MLP call
     STATS.clear()
     graph_stash.set_graph_gate_stash(True)

@@ -266,10 +266,9 @@ def test_graphed_layers_give_the_gradients_of_eager_layers_after_weight_updates(
     micro-batch gradients into ``.grad`` like autograd, with the MLP gates parked or recomputed."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.factories import save_tiny
 
     _park_gates(parks)
-    model = offloaded_lora_model(save_tiny(family, tmp_path / family, num_hidden_layers=3))
+    model = offloaded_lora_model(tmp_path, family, 3)
     graphed, eager, captured = _graphed_then_eager(model, [cuda_ids(64, s) for s in range(3)], cuda_ids(64, 9))
     assert captured == 6  # forward and backward of each of the 3 layers
     _assert_same(graphed, eager)
@@ -281,11 +280,10 @@ def test_graphs_follow_sequence_length_and_adapter_state(tmp_path):
     adapter disabled runs the layers in that state, not the graphs captured with the adapter on."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.factories import save_tiny
 
     _park_gates(True)
 
-    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2))
+    model = offloaded_lora_model(tmp_path, "llama", 2)
     batches = [cuda_ids(64, 0), cuda_ids(96, 1), cuda_ids(64, 2), cuda_ids(96, 3), cuda_ids(96, 4)]
     layer_graphs.set_layer_graphs(True)
     on = _loss_and_grads(model, cuda_ids(96, 5))[0]
@@ -304,9 +302,8 @@ def test_graphed_qlora_layers_give_the_gradients_of_eager_layers(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("bitsandbytes")
-    from tests.factories import save_tiny
 
-    model = offloaded_lora_model(save_tiny("llama", tmp_path / "llama", num_hidden_layers=2), quantized=True)
+    model = offloaded_lora_model(tmp_path, "llama", 2, quantized=True)
     graphed, eager, captured = _graphed_then_eager(model, [cuda_ids(64, s) for s in range(3)], cuda_ids(64, 9))
     assert captured == 4
     _assert_same(graphed, eager)
@@ -322,11 +319,10 @@ def test_the_modes_graph_the_layers_they_name(mode, family, quantized, graphs, t
         pytest.skip("needs CUDA")
     if quantized:
         pytest.importorskip("bitsandbytes")
-    from tests.factories import save_tiny
 
     layer_graphs.set_layer_graphs(mode)
     layer_graphs.reset()
-    model = offloaded_lora_model(save_tiny(family, tmp_path / family, num_hidden_layers=2), quantized=quantized)
+    model = offloaded_lora_model(tmp_path, family, 2, quantized=quantized)
     if family == "gemma2" and model.config._attn_implementation != "eager":
         pytest.skip("flash-attn is installed: Gemma 2's softcapping does not need eager attention here")
     for seed in range(3):
